@@ -1,0 +1,135 @@
+"""The one place where domain errors become gRPC statuses.
+
+Every servicer method runs inside `ErrorMappingInterceptor`: a BrokerError
+becomes its status code with an ErrorInfo (and BadRequest field violations);
+anything unexpected becomes INTERNAL with an incident id, and its text stays
+in the server log, never in the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import traceback
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker.core import errors
+
+ERROR_DOMAIN = "credbroker.dev"
+
+_log = logging.getLogger("credbroker.errors")
+
+_CODES: list[tuple[type[errors.BrokerError], int]] = [
+    (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.Aborted, code_pb2.ABORTED),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+]
+
+
+def status_for(error: errors.BrokerError) -> status_pb2.Status:
+    code = next((c for kind, c in _CODES if isinstance(error, kind)), code_pb2.INTERNAL)
+    details: list[Any] = [
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    ]
+    if isinstance(error, errors.InvalidArgument):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=code, message=error.message, details=packed)
+
+
+def _internal_status(method: str, exc: BaseException) -> status_pb2.Status:
+    incident = secrets.token_hex(6)
+    # The exception text may quote request data: log its type and frames, not its message.
+    _log.error(
+        "unexpected %s in %s (incident %s)\n%s",
+        type(exc).__name__,
+        method,
+        incident,
+        "".join(traceback.format_tb(exc.__traceback__)),
+    )
+    error = errors.BrokerError(f"internal error (incident {incident})", reason="INTERNAL")
+    return status_for(error)
+
+
+def _abort(context: grpc.ServicerContext, status: status_pb2.Status) -> None:
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+def _guard(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
+    if context.code() is not None:  # type: ignore[attr-defined]
+        raise exc  # already aborted by an interceptor or the servicer itself
+    if isinstance(exc, errors.BrokerError):
+        _abort(context, status_for(exc))
+    _abort(context, _internal_status(method, exc))
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+
+class ErrorMappingInterceptor(_Interceptor):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return inner_uu(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
+                    _guard(method, context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from inner_us(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
+                    _guard(method, context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
