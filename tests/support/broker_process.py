@@ -66,7 +66,7 @@ class BrokerProcess:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._listening.wait(0.05):
             if self._process.poll() is not None:
-                self._reader.join(5)
+                self._release()
                 raise RuntimeError(f"broker exited with {self._process.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
                 self.kill()
@@ -108,11 +108,17 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-        if self._reader is not None:
-            self._reader.join(10)
+        self._release()
         return process.returncode
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait(10)
+        self._release()
+
+    def _release(self) -> None:
+        if self._reader is not None:
+            self._reader.join(10)
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
