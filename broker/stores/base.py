@@ -9,6 +9,7 @@ it in order and stops at the first conflict.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,11 +108,13 @@ def apply_operations(
             raise VersionConflict(op.key, op.expected_version, actual)
         if isinstance(op, Put):
             base = actual or staged_retired.pop(op.key, 0)
-            staged[op.key] = {"version": base + 1, "data": dict(op.data)}
+            # A JSON round trip: a deep copy, and the same types in every store.
+            staged[op.key] = {"version": base + 1, "data": json.loads(json.dumps(dict(op.data)))}
             versions[op.key] = base + 1
         elif isinstance(op, Delete):
-            del staged[op.key]
-            staged_retired[op.key] = actual
+            if current is not None:  # Delete(key, 0) of an absent key: nothing to do
+                del staged[op.key]
+                staged_retired[op.key] = actual
             versions[op.key] = 0
     entries.clear()
     entries.update(staged)

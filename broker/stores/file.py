@@ -63,9 +63,10 @@ class FileStore:
         # fresh random nonce, so an equal header means unchanged content.
         self._cache: tuple[bytes, dict[str, Any]] | None = None
         self._prepare_directory()
-        self._key = self._load_or_create_key()
         with self._exclusive():
+            # Under the lock: no other process is creating the key or writing.
             self._remove_stale_temporaries()
+            self._key = self._load_or_create_key()
             # Reading at start turns a wrong key or a damaged file into a clear
             # refusal to start, before anything could be written.
             self._read_state()
@@ -83,7 +84,9 @@ class FileStore:
 
     def commit(self, operations: Sequence[Operation]) -> CommitResult:
         with self._exclusive():
-            state = copy.deepcopy(self._read_state())
+            # Decrypt afresh: a write must never build on a cached copy of a file
+            # that was damaged after it was read.
+            state = self._read_state(use_cache=False)
             versions = apply_operations(state["entries"], state["retired"], operations)
             if versions:
                 self._write_state(state)
@@ -103,6 +106,14 @@ class FileStore:
             ) from None
 
     def _load_or_create_key(self) -> bytes:
+        try:
+            return self._load_key()
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot read or create key file {self._key_path}: {exc.strerror}"
+            ) from None
+
+    def _load_key(self) -> bytes:
         if not self._key_path.exists():
             if self._data_path.exists():
                 raise StoreCorrupt(
@@ -116,9 +127,10 @@ class FileStore:
                 f"key file {self._key_path} is accessible by group or others "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {self._key_path}"
             )
+        raw = self._key_path.read_bytes()
         try:
-            key = base64.b64decode(self._key_path.read_bytes().strip(), validate=True)
-        except (ValueError, OSError):
+            key = base64.b64decode(raw.strip(), validate=True)
+        except ValueError:
             key = b""
         if len(key) != 32:
             raise StoreCorrupt(f"key file {self._key_path} does not hold a 256-bit base64 key")
@@ -129,24 +141,31 @@ class FileStore:
         # link() fails if another process won the race, and a reader never sees
         # a half-written key.
         tmp = self._key_path.with_name(f"{self._key_path.name}{_TMP_MARKER}{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        content = base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n"
         try:
-            os.write(fd, base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
-            os.fsync(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if os.write(fd, content) != len(content):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self._key_path)
         finally:
-            os.close(fd)
-        try:
-            os.link(tmp, self._key_path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)  # also when writing the key failed
         _fsync_directory(self._key_path.parent)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         with self._thread_lock:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                # Read-only is enough for flock, and works on a read-only mount.
+                fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise StoreUnavailable(
+                    f"cannot open lock file {self._lock_path}: {exc.strerror}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -155,10 +174,14 @@ class FileStore:
 
     def _remove_stale_temporaries(self) -> None:
         # Called with the lock held: no live writer owns a temporary file now.
-        for path in self._dir.glob(f"{DATA_FILE}{_TMP_MARKER}*"):
+        stale = [
+            *self._dir.glob(f"{DATA_FILE}{_TMP_MARKER}*"),
+            *self._key_path.parent.glob(f"{self._key_path.name}{_TMP_MARKER}*"),
+        ]
+        for path in stale:
             path.unlink(missing_ok=True)
 
-    def _read_state(self) -> dict[str, Any]:
+    def _read_state(self, *, use_cache: bool = True) -> dict[str, Any]:
         try:
             blob = self._data_path.read_bytes()
         except FileNotFoundError:
@@ -166,9 +189,11 @@ class FileStore:
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {self._data_path}: {exc.strerror}") from None
         cache = self._cache
-        if cache is not None and cache[0] == blob[:HEADER_SIZE]:
+        if use_cache and cache is not None and cache[0] == blob[:HEADER_SIZE]:
             return cache[1]
         state = self._decrypt(blob)
+        if not use_cache:
+            return state
         self._cache = (blob[:HEADER_SIZE], state)
         return state
 
@@ -217,9 +242,7 @@ class FileStore:
             _fsync_directory(self._dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise StoreUnavailable(f"cannot write {self._data_path}: {exc.strerror}") from None
-            raise
+            raise StoreUnavailable(f"cannot write {self._data_path}: {exc.strerror}") from None
 
 
 def _entry(key: str, raw: dict[str, Any]) -> Entry:
