@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from broker.cli_hosts import add_hosts_parser, run_hosts
 from broker.config import add_server_arguments, server_config_from
 
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_server_arguments(serve)
+    add_hosts_parser(commands)
     return parser
 
 
@@ -25,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.server import serve
 
         return serve(server_config_from(args))
+    if args.command == "hosts":
+        return run_hosts(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
