@@ -11,6 +11,16 @@ DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 50051
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "credbroker"
@@ -24,6 +34,23 @@ class ServerConfig:
     log_level: str
     grace_seconds: float
     max_workers: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    insecure_allow_plaintext: bool = False
+    principals_file: Path | None = None
+    audit_log: str = "-"
+    rate_limit: float = 200.0
+    auth_failure_burst: int = 10
+    auth_failure_refill_seconds: float = 3.0
+
+    @property
+    def principals_path(self) -> Path:
+        return self.principals_file or self.data_dir / "principals.json"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +63,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port",
         type=int,
-        default=int(env("CREDBROKER_PORT", str(DEFAULT_PORT))),
+        default=env("CREDBROKER_PORT", str(DEFAULT_PORT)),
         help="port to listen on, 0 for any free port (env CREDBROKER_PORT, default %(default)s)",
     )
     parser.add_argument(
@@ -47,21 +74,85 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
+        type=_log_level,
         default=env("CREDBROKER_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env CREDBROKER_LOG_LEVEL, default %(default)s)",
     )
     parser.add_argument(
         "--grace-seconds",
         type=float,
-        default=float(env("CREDBROKER_GRACE_SECONDS", "10")),
-        help="how long in-flight calls may finish on shutdown (default %(default)s)",
+        default=env("CREDBROKER_GRACE_SECONDS", "10"),
+        help="seconds in-flight calls may take to finish on shutdown "
+        "(env CREDBROKER_GRACE_SECONDS, default %(default)s)",
     )
     parser.add_argument(
         "--max-workers",
         type=int,
-        default=int(env("CREDBROKER_MAX_WORKERS", "16")),
-        help="threads serving calls (default %(default)s)",
+        default=env("CREDBROKER_MAX_WORKERS", "16"),
+        help="threads serving calls (env CREDBROKER_MAX_WORKERS, default %(default)s)",
+    )
+
+    def optional_path(name: str) -> Path | None:
+        value = env(name)
+        return Path(value) if value else None
+
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=optional_path("CREDBROKER_TLS_CERT"),
+        help="server certificate chain, PEM (env CREDBROKER_TLS_CERT); re-read when it changes",
+    )
+    security.add_argument(
+        "--tls-key",
+        type=Path,
+        default=optional_path("CREDBROKER_TLS_KEY"),
+        help="server private key, PEM (env CREDBROKER_TLS_KEY)",
+    )
+    security.add_argument(
+        "--client-ca",
+        type=Path,
+        default=optional_path("CREDBROKER_CLIENT_CA"),
+        help="CA for client certificates: requires mutual TLS (env CREDBROKER_CLIENT_CA)",
+    )
+    security.add_argument(
+        "--insecure-allow-plaintext",
+        action="store_true",
+        default=env("CREDBROKER_INSECURE_ALLOW_PLAINTEXT", "") in ("1", "true", "yes"),
+        help="serve without TLS on a non-loopback address (INSECURE: tokens travel in clear)",
+    )
+    security.add_argument(
+        "--principals-file",
+        type=Path,
+        default=optional_path("CREDBROKER_PRINCIPALS_FILE"),
+        help="principals and token hashes (env CREDBROKER_PRINCIPALS_FILE, "
+        "default DATA_DIR/principals.json)",
+    )
+    security.add_argument(
+        "--audit-log",
+        default=env("CREDBROKER_AUDIT_LOG", "-"),
+        help="append audit JSON lines to this file, '-' for stderr (env CREDBROKER_AUDIT_LOG)",
+    )
+    security.add_argument(
+        "--rate-limit",
+        type=float,
+        default=env("CREDBROKER_RATE_LIMIT", "200"),
+        help="calls per second per principal, bursts of twice that "
+        "(env CREDBROKER_RATE_LIMIT, default %(default)s)",
+    )
+    security.add_argument(
+        "--auth-failure-burst",
+        type=int,
+        default=env("CREDBROKER_AUTH_FAILURE_BURST", "10"),
+        help="failed authentications an address may make before it must wait "
+        "(env CREDBROKER_AUTH_FAILURE_BURST, default %(default)s)",
+    )
+    security.add_argument(
+        "--auth-failure-refill-seconds",
+        type=float,
+        default=env("CREDBROKER_AUTH_FAILURE_REFILL_SECONDS", "3"),
+        help="seconds until an address may fail once more "
+        "(env CREDBROKER_AUTH_FAILURE_REFILL_SECONDS, default %(default)s)",
     )
 
 
@@ -73,4 +164,13 @@ def server_config_from(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         grace_seconds=args.grace_seconds,
         max_workers=args.max_workers,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        client_ca=args.client_ca,
+        insecure_allow_plaintext=args.insecure_allow_plaintext,
+        principals_file=args.principals_file,
+        audit_log=args.audit_log,
+        rate_limit=args.rate_limit,
+        auth_failure_burst=args.auth_failure_burst,
+        auth_failure_refill_seconds=args.auth_failure_refill_seconds,
     )

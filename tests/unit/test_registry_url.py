@@ -42,7 +42,12 @@ def test_accepted_urls_normalise(url: str, registry: str, prefix: str, plain_htt
 def test_docker_hub_aliases_share_one_claim() -> None:
     claims = {
         parse_registry_url(u).claim
-        for u in ("docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/")
+        for u in (
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "https://index.docker.io/v1/",
+        )
     }
     assert claims == {"docker.io"}
 
