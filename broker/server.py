@@ -20,7 +20,7 @@ from broker.api.image_hosts import ImageHostServicer
 from broker.config import ServerConfig
 from broker.core.audit import AuditSink
 from broker.core.image_hosts import ImageHostCatalog
-from broker.security.audit import JsonLinesAudit
+from broker.security.audit import AuditTrail
 from broker.stores.base import SecretStore, StoreCorrupt, StoreUnavailable
 from broker.stores.file import FileStore
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
@@ -90,7 +90,7 @@ def serve(config: ServerConfig) -> int:
         _log.error("cannot open the store: %s", exc)
         return 2
     try:
-        running = start_server(config, store, JsonLinesAudit(sys.stderr))
+        running = start_server(config, store, AuditTrail(sys.stderr))
     except OSError as exc:
         _log.error("cannot start: %s", exc)
         return 2

@@ -10,11 +10,11 @@ from broker.core.audit import Actor
 
 ANONYMOUS = "anonymous"
 
-#: Set by the authentication interceptor for the duration of one call.
-current_principal: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "current_principal", default=ANONYMOUS
+#: Set by the security interceptor for the duration of one call.
+current_actor: contextvars.ContextVar[Actor | None] = contextvars.ContextVar(
+    "current_actor", default=None
 )
 
 
 def actor_of(context: grpc.ServicerContext) -> Actor:
-    return Actor(principal=current_principal.get(), peer=context.peer())
+    return current_actor.get() or Actor(principal=ANONYMOUS, peer=context.peer())

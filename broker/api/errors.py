@@ -8,17 +8,19 @@ in the server log, never in the answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import traceback
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from broker.api.interceptors import AroundInterceptor
 from broker.core import errors
 
 ERROR_DOMAIN = "credbroker.dev"
@@ -38,8 +40,12 @@ _CODES: list[tuple[type[errors.BrokerError], int]] = [
 ]
 
 
+def code_of(error: errors.BrokerError) -> int:
+    return next((c for kind, c in _CODES if isinstance(error, kind)), code_pb2.INTERNAL)
+
+
 def status_for(error: errors.BrokerError) -> status_pb2.Status:
-    code = next((c for kind, c in _CODES if isinstance(error, kind)), code_pb2.INTERNAL)
+    code = code_of(error)
     details: list[Any] = [
         error_details_pb2.ErrorInfo(
             reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
@@ -90,46 +96,12 @@ def _guard(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
     _abort(context, _internal_status(method, exc))
 
 
-if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    _Interceptor = grpc.ServerInterceptor
-    _Handler = grpc.RpcMethodHandler
+class ErrorMappingInterceptor(AroundInterceptor):
+    """The outermost interceptor: whatever a call raises leaves as a proper status."""
 
-
-class ErrorMappingInterceptor(_Interceptor):
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    return inner_uu(request, context)
-                except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
-                    _guard(method, context, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                try:
-                    yield from inner_us(request, context)
-                except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
-                    _guard(method, context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    @contextlib.contextmanager
+    def around(self, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
+            _guard(method, context, exc)

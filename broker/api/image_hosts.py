@@ -56,12 +56,14 @@ class ImageHostServicer(image_hosts_pb2_grpc.ImageHostServiceServicer):
     def GetImageHost(
         self, request: image_hosts_pb2.GetImageHostRequest, context: grpc.ServicerContext
     ) -> image_hosts_pb2.ImageHost:
-        return image_host_to_proto(self._catalog.get(resource_name_to_id(request.name)))
+        return image_host_to_proto(
+            self._catalog.get(resource_name_to_id(request.name), actor_of(context))
+        )
 
     def ListImageHosts(
         self, request: image_hosts_pb2.ListImageHostsRequest, context: grpc.ServicerContext
     ) -> image_hosts_pb2.ListImageHostsResponse:
-        page = self._catalog.list_page(request.page_size, request.page_token)
+        page = self._catalog.list_page(request.page_size, request.page_token, actor_of(context))
         return image_hosts_pb2.ListImageHostsResponse(
             image_hosts=[image_host_to_proto(h) for h in page.hosts],
             next_page_token=page.next_page_token,

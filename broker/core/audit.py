@@ -13,6 +13,11 @@ class Actor:
 
     principal: str
     peer: str = ""
+    #: Image host ids this actor may use; empty means every host.
+    image_hosts: frozenset[str] = frozenset()
+
+    def may_use_host(self, image_host_id: str) -> bool:
+        return not self.image_hosts or image_host_id in self.image_hosts
 
 
 SYSTEM_ACTOR = Actor(principal="system:credbroker")

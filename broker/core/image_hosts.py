@@ -27,6 +27,7 @@ from broker.core.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from broker.core.registry_url import (
@@ -165,7 +166,8 @@ class ImageHostCatalog:
 
     # -- queries -------------------------------------------------------------
 
-    def get(self, image_host_id: str) -> ImageHost:
+    def get(self, image_host_id: str, actor: Actor) -> ImageHost:
+        _check_scope(actor, image_host_id)
         entry = _read(self._store.get, HOSTS_PREFIX + image_host_id)
         if entry is None:
             raise NotFound(
@@ -173,14 +175,16 @@ class ImageHostCatalog:
             )
         return _host_from_entry(entry, self._default_id())
 
-    def list_page(self, page_size: int, page_token: str) -> Page:
+    def list_page(self, page_size: int, page_token: str, actor: Actor) -> Page:
         if page_size < 0:
             raise InvalidArgument.single("page_size", "must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token)
         default_id = self._default_id()
         entries = [
-            e for e in _read(self._store.list, HOSTS_PREFIX) if e.key[len(HOSTS_PREFIX) :] > after
+            e
+            for e in _read(self._store.list, HOSTS_PREFIX)
+            if e.key[len(HOSTS_PREFIX) :] > after and actor.may_use_host(e.key[len(HOSTS_PREFIX) :])
         ]
         page = [_host_from_entry(e, default_id) for e in entries[:size]]
         token = _encode_page_token(page[-1].id) if len(entries) > size else ""
@@ -207,6 +211,7 @@ class ImageHostCatalog:
 
     def create(self, image_host_id: str, fields: HostFields, actor: Actor) -> ImageHost:
         _check_id(image_host_id, "image_host_id")
+        _check_scope(actor, image_host_id)
         url = fields.url or ""
         location = _parse_url(url)
         username = fields.username or ""
@@ -260,7 +265,7 @@ class ImageHostCatalog:
             raise InvalidArgument.single("update_mask", "names no field to update")
 
         def attempt() -> ImageHost:
-            current = self.get(image_host_id)
+            current = self.get(image_host_id, actor)
             _check_etag(current, etag)
             url = (fields.url or "") if "url" in mask else current.url
             location = _parse_url(url) if "url" in mask else current.location
@@ -295,7 +300,7 @@ class ImageHostCatalog:
 
     def delete(self, image_host_id: str, etag: str, actor: Actor) -> None:
         def attempt() -> ImageHost:
-            current = self.get(image_host_id)
+            current = self.get(image_host_id, actor)
             _check_etag(current, etag)
             default = _read(self._store.get, DEFAULT_KEY)
             if default is not None and default.data.get("image_host_id") == image_host_id:
@@ -325,7 +330,7 @@ class ImageHostCatalog:
             raise InvalidArgument.single("reason", problem)
 
         def attempt() -> tuple[ImageHost, str]:
-            host = self.get(image_host_id)
+            host = self.get(image_host_id, actor)
             _check_etag(host, etag)
             default = _read(self._store.get, DEFAULT_KEY)
             previous = str(default.data.get("image_host_id", "")) if default else ""
@@ -463,6 +468,15 @@ def _retry_unconditional(attempt: Callable[[], _T], etag: str = "") -> _T:
             if remaining == 0 or exc.reason != "CONCURRENT_MODIFICATION":
                 raise
     raise AssertionError("unreachable")
+
+
+def _check_scope(actor: Actor, image_host_id: str) -> None:
+    # Before any read: a principal learns nothing about hosts outside its scope.
+    if not actor.may_use_host(image_host_id):
+        raise PermissionDenied(
+            f"principal {actor.principal} may not use {RESOURCE_PREFIX}{image_host_id}",
+            reason="IMAGE_HOST_OUT_OF_SCOPE",
+        )
 
 
 def _check_etag(host: ImageHost, etag: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from broker.v1 import image_hosts_pb2_grpc
+from clients.channel import open_channel, read_token_file
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT = 30.0
@@ -88,9 +89,18 @@ class BrokerProcess:
         with self._output_lock:
             return "".join(self.output)
 
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    def admin_token(self) -> str:
+        return read_token_file(self.admin_token_path)
+
     def channel(self) -> grpc.Channel:
+        """The admin's plaintext channel (the token created on first start)."""
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            token = self.admin_token() if self.admin_token_path.exists() else None
+            self._channel = open_channel(self.address, token=token)
         return self._channel
 
     def image_hosts(self) -> image_hosts_pb2_grpc.ImageHostServiceStub:
