@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from broker.cli_hosts import add_hosts_parser, run_hosts
+from broker.cli_principals import add_principals_commands, run_principals
 from broker.config import add_server_arguments, server_config_from
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_server_arguments(serve)
     add_hosts_parser(commands)
+    add_principals_commands(commands)
     return parser
 
 
@@ -29,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(server_config_from(args))
     if args.command == "hosts":
         return run_hosts(args)
+    if args.command == "principals":
+        return run_principals(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -13,12 +13,14 @@ keep them) and nothing this module prints contains one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -28,7 +30,10 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from broker.config import default_data_dir
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
+from clients.channel import open_channel as clients_open_channel
+from clients.channel import read_token_file
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -69,6 +74,27 @@ class Connection:
 
     server: str
     timeout: float
+    token: str | None = dataclasses.field(default=None, repr=False)
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
+def _default_token_file() -> str | None:
+    """The token file to use when none is named: $CREDBROKER_TOKEN_FILE, else the
+    admin token that the first `credbroker serve` wrote into its data directory."""
+    named = os.environ.get("CREDBROKER_TOKEN_FILE")
+    if named:
+        return named
+    data_dir = Path(os.environ.get("CREDBROKER_DATA_DIR") or default_data_dir())
+    candidate = data_dir / "admin.token"
+    return str(candidate) if candidate.is_file() else None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,16 +112,76 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TIMEOUT_SECONDS,
         help="deadline of each call to the broker (default %(default)s)",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        type=Path,
+        default=_default_token_file(),
+        help="file holding your bearer token (env CREDBROKER_TOKEN_FILE; default: the "
+        "admin.token of the data directory when present; env CREDBROKER_TOKEN also works)",
+    )
+    parser.add_argument(
+        "--cacert",
+        metavar="PATH",
+        type=Path,
+        default=_env_path("CREDBROKER_CACERT"),
+        help="CA certificate that signed the broker's TLS certificate (env CREDBROKER_CACERT)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="PATH",
+        type=Path,
+        default=_env_path("CREDBROKER_CERT"),
+        help="client certificate for mutual TLS (env CREDBROKER_CERT)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="PATH",
+        type=Path,
+        default=_env_path("CREDBROKER_KEY"),
+        help="client private key for mutual TLS (env CREDBROKER_KEY)",
+    )
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=os.environ.get("CREDBROKER_SERVER_NAME"),
+        help="name to verify in the broker's certificate, when it differs from HOST",
+    )
 
 
 def connection_from(args: argparse.Namespace) -> Connection:
-    return Connection(server=args.server, timeout=args.timeout)
+    token = os.environ.get("CREDBROKER_TOKEN") or None
+    if args.token_file is not None:
+        try:
+            token = read_token_file(args.token_file)
+        except OSError as exc:
+            raise CliError(
+                f"cannot read the token file {args.token_file}: {exc.strerror}"
+            ) from None
+    return Connection(
+        server=args.server,
+        timeout=args.timeout,
+        token=token,
+        cacert=args.cacert,
+        cert=args.cert,
+        key=args.key,
+        server_name=args.server_name,
+    )
 
 
 def open_channel(connection: Connection) -> grpc.Channel:
     """The one place where the CLI makes a channel to the broker."""
-    # Plaintext for now; refuse nothing here so that loopback development works.
-    return grpc.insecure_channel(connection.server)
+    try:
+        return clients_open_channel(
+            connection.server,
+            token=connection.token,
+            ca_file=connection.cacert,
+            cert_file=connection.cert,
+            key_file=connection.key,
+            server_name=connection.server_name,
+        )
+    except OSError as exc:
+        raise CliError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
 
 def _server_address(value: str) -> str:
@@ -241,13 +327,14 @@ def add_hosts_parser(commands: Any) -> None:
 
 def run_hosts(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     out = stdout or sys.stdout
-    connection = connection_from(args)
     try:
         check_usage(args)
     except UsageError as exc:
         parser: argparse.ArgumentParser = args.hosts_parser
         parser.error(_printable(str(exc)))  # exits with 2
+    connection = Connection(server=args.server, timeout=args.timeout)
     try:
+        connection = connection_from(args)
         command = _COMMANDS[args.hosts_command]
         with open_channel(connection) as channel:
             stub = image_hosts_pb2_grpc.ImageHostServiceStub(channel)

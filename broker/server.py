@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,19 +21,27 @@ from grpc_reflection.v1alpha import reflection
 from broker.api.errors import ErrorMappingInterceptor
 from broker.api.image_hosts import ImageHostServicer
 from broker.config import ServerConfig
-from broker.core.audit import AuditSink
 from broker.core.image_hosts import ImageHostCatalog
 from broker.security.audit import AuditTrail
+from broker.security.authz import unclassified
+from broker.security.interceptor import SecurityInterceptor
+from broker.security.principals import PrincipalRegistry, PrincipalsError, PrincipalsFile
+from broker.security.ratelimit import TokenBuckets
+from broker.security.tls import TlsConfigError, TlsFiles, server_credentials
 from broker.stores.base import SecretStore, StoreCorrupt, StoreUnavailable
 from broker.stores.file import FileStore
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
 
 _log = logging.getLogger("credbroker")
 
-SERVICE_NAMES: Sequence[str] = (
-    image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"].full_name,
-)
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICES = (image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"],)
+SERVICE_NAMES: Sequence[str] = tuple(s.full_name for s in SERVICES)
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message says what to fix."""
 
 
 @dataclass
@@ -45,17 +56,62 @@ class RunningServer:
         self.server.stop(grace).wait()
 
 
-def start_server(config: ServerConfig, store: SecretStore, audit: AuditSink) -> RunningServer:
+def registered_methods() -> list[str]:
+    return [f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods]
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_files(config: ServerConfig) -> TlsFiles | None:
+    if config.tls_cert is None and config.tls_key is None:
+        if config.client_ca is not None:
+            raise StartupError("--client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    return TlsFiles(config.tls_cert, config.tls_key, config.client_ca)
+
+
+def start_server(
+    config: ServerConfig, store: SecretStore, audit: AuditTrail, principals: PrincipalRegistry
+) -> RunningServer:
+    missing = unclassified(registered_methods())
+    if missing:
+        raise StartupError(f"RPCs without an authorisation rule: {', '.join(missing)}")
+    tls = _tls_files(config)
+    if tls is None and not is_loopback(config.address) and not config.insecure_allow_plaintext:
+        raise StartupError(
+            f"refusing to serve plaintext on {config.address}, which is not a loopback address: "
+            "give --tls-cert and --tls-key, or --insecure-allow-plaintext if you really mean it"
+        )
+
     catalog = ImageHostCatalog(store, audit)
     if catalog.ensure_seeded():
         _log.info("empty store: seeded Docker Hub (anonymous) as the default image host")
 
+    security = SecurityInterceptor(
+        principals,
+        audit,
+        call_rate=TokenBuckets(rate=config.rate_limit, burst=2 * config.rate_limit),
+        failed_logins=TokenBuckets(
+            rate=1 / config.auth_failure_refill_seconds, burst=config.auth_failure_burst
+        ),
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        # The first interceptor is the outermost: errors of the others are mapped too.
+        interceptors=[ErrorMappingInterceptor(), security],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -70,12 +126,46 @@ def start_server(config: ServerConfig, store: SecretStore, audit: AuditSink) -> 
     )
 
     host = f"[{config.address}]" if ":" in config.address else config.address
-    port = server.add_insecure_port(f"{host}:{config.port}")
+    target = f"{host}:{config.port}"
+    try:
+        if tls is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, server_credentials(tls))
+    except (RuntimeError, TlsConfigError) as exc:
+        raise StartupError(f"cannot listen on {target}: {exc}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {host}:{config.port}")
+        raise StartupError(f"cannot listen on {target}")
     server.start()
-    _log.info("listening on %s:%d (store: %s)", host, port, config.data_dir)
+    mode = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca else "TLS")
+    _log.info("listening on %s:%d (%s, store: %s)", host, port, mode, config.data_dir)
     return RunningServer(server=server, health=health_servicer, port=port)
+
+
+def ensure_admin(config: ServerConfig) -> bool:
+    """Secure by default: the first start creates an admin principal and its token file."""
+    source = PrincipalsFile(config.principals_path)
+    if source.exists():
+        return False
+    try:
+        token = source.add("admin", ["admin"])
+    except PrincipalsError:
+        return False  # another process created it first
+    assert token is not None
+    fd = os.open(config.admin_token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, token.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _open_audit(config: ServerConfig) -> TextIO:
+    if config.audit_log == "-":
+        return sys.stderr
+    fd = os.open(config.audit_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def serve(config: ServerConfig) -> int:
@@ -86,14 +176,29 @@ def serve(config: ServerConfig) -> int:
     )
     try:
         store = FileStore(config.data_dir)
+        created_admin = ensure_admin(config)
+        principals = PrincipalRegistry(PrincipalsFile(config.principals_path))
+        audit_stream = _open_audit(config)
+        running = start_server(config, store, AuditTrail(audit_stream), principals)
     except (StoreCorrupt, StoreUnavailable) as exc:
         _log.error("cannot open the store: %s", exc)
         return 2
-    try:
-        running = start_server(config, store, AuditTrail(sys.stderr))
-    except OSError as exc:
+    except (StartupError, PrincipalsError, OSError) as exc:
         _log.error("cannot start: %s", exc)
         return 2
+
+    if created_admin:
+        tls_flag = "-plaintext" if config.tls_cert is None else "-cacert CA.pem"
+        _log.info(
+            "created the admin principal; its bearer token is in %s (mode 0600). Try:\n"
+            '  grpcurl %s -H "authorization: Bearer $(cat %s)" %s:%d '
+            "broker.v1.ImageHostService/ListImageHosts",
+            config.admin_token_path,
+            tls_flag,
+            config.admin_token_path,
+            config.address,
+            running.port,
+        )
 
     stop = threading.Event()
 
@@ -106,5 +211,7 @@ def serve(config: ServerConfig) -> int:
     stop.wait()
     running.stop(config.grace_seconds)
     store.close()
+    if audit_stream is not sys.stderr:
+        audit_stream.close()
     _log.info("stopped")
     return 0

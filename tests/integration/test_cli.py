@@ -64,11 +64,14 @@ class Run:
 class Cli:
     """Runs `credbroker` and remembers every output for the leak check."""
 
-    def __init__(self, server: str, cwd: Path) -> None:
+    def __init__(self, server: str, cwd: Path, token_file: Path | None = None) -> None:
         self.server = server
         self.cwd = cwd
+        self.token_file = token_file
         self.runs: list[Run] = []
         self.sensitive: list[str] = []
+        if token_file is not None and token_file.exists():
+            self.secret(token_file.read_text().strip())
 
     def secret(self, value: str) -> str:
         """Register a value that must never be printed (and that failure messages redact)."""
@@ -91,6 +94,8 @@ class Cli:
         if server is not None:
             command += ["--server", self.server if server == "default" else server]
         base = {k: v for k, v in os.environ.items() if not k.startswith("CREDBROKER_")}
+        if self.token_file is not None:
+            base["CREDBROKER_TOKEN_FILE"] = str(self.token_file)
         completed = subprocess.run(
             command,
             input=stdin,
@@ -140,7 +145,7 @@ class Cli:
 
 @pytest.fixture
 def cli(broker: BrokerProcess, tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(broker.address, tmp_path)
+    runner = Cli(broker.address, tmp_path, broker.admin_token_path)
     yield runner
     runner.assert_no_secret_printed(("broker log", broker.text()))
 
