@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from broker.config import default_data_dir
+from broker.config import default_data_dir, env_path
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
 from clients.channel import open_channel as clients_open_channel
 from clients.channel import read_token_file
@@ -92,11 +92,6 @@ def _default_token_file() -> str | None:
     return str(candidate) if candidate.is_file() else None
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -124,21 +119,21 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--cacert",
         metavar="PATH",
         type=Path,
-        default=_env_path("CREDBROKER_CACERT"),
+        default=env_path("CREDBROKER_CACERT"),
         help="CA certificate that signed the broker's TLS certificate (env CREDBROKER_CACERT)",
     )
     parser.add_argument(
         "--cert",
         metavar="PATH",
         type=Path,
-        default=_env_path("CREDBROKER_CERT"),
+        default=env_path("CREDBROKER_CERT"),
         help="client certificate for mutual TLS (env CREDBROKER_CERT)",
     )
     parser.add_argument(
         "--key",
         metavar="PATH",
         type=Path,
-        default=_env_path("CREDBROKER_KEY"),
+        default=env_path("CREDBROKER_KEY"),
         help="client private key for mutual TLS (env CREDBROKER_KEY)",
     )
     parser.add_argument(

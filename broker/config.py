@@ -21,6 +21,12 @@ def _log_level(value: str) -> str:
     return level
 
 
+def env_path(name: str) -> Path | None:
+    """The path in environment variable `name`, None when unset or empty."""
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "credbroker"
@@ -92,27 +98,23 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads serving calls (env CREDBROKER_MAX_WORKERS, default %(default)s)",
     )
 
-    def optional_path(name: str) -> Path | None:
-        value = env(name)
-        return Path(value) if value else None
-
     security = parser.add_argument_group("security")
     security.add_argument(
         "--tls-cert",
         type=Path,
-        default=optional_path("CREDBROKER_TLS_CERT"),
+        default=env_path("CREDBROKER_TLS_CERT"),
         help="server certificate chain, PEM (env CREDBROKER_TLS_CERT); re-read when it changes",
     )
     security.add_argument(
         "--tls-key",
         type=Path,
-        default=optional_path("CREDBROKER_TLS_KEY"),
+        default=env_path("CREDBROKER_TLS_KEY"),
         help="server private key, PEM (env CREDBROKER_TLS_KEY)",
     )
     security.add_argument(
         "--client-ca",
         type=Path,
-        default=optional_path("CREDBROKER_CLIENT_CA"),
+        default=env_path("CREDBROKER_CLIENT_CA"),
         help="CA for client certificates: requires mutual TLS (env CREDBROKER_CLIENT_CA)",
     )
     security.add_argument(
@@ -124,7 +126,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument(
         "--principals-file",
         type=Path,
-        default=optional_path("CREDBROKER_PRINCIPALS_FILE"),
+        default=env_path("CREDBROKER_PRINCIPALS_FILE"),
         help="principals and token hashes (env CREDBROKER_PRINCIPALS_FILE, "
         "default DATA_DIR/principals.json)",
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
+import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -522,3 +525,33 @@ def test_signals_stop_the_server_gracefully(tmp_path: Path, sig: signal.Signals)
     assert process.stop(sig) == 0
     assert "finishing in-flight calls" in process.text()
     assert process.text().rstrip().endswith("stopped")
+
+
+def test_sigterm_lets_an_in_flight_call_finish(tmp_path: Path) -> None:
+    process = BrokerProcess(tmp_path / "data").start()
+    stub = process.image_hosts()
+    all_hosts(stub)
+    # Hold the store's writer lock so that a create stays in flight.
+    lock_fd = os.open(process.data_dir / "store.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        future = stub.CreateImageHost.future(
+            pb.CreateImageHostRequest(image_host_id="late", image_host=pb.ImageHost(url="late.io")),
+            timeout=30,
+        )
+        time.sleep(0.5)  # let the call reach the store
+        assert not future.done()
+        process.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.process.poll() is None, "the broker quit with a call in flight"
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+    assert future.result().name == "imageHosts/late"
+    assert process.stop() == 0
+    restarted = BrokerProcess(tmp_path / "data").start()
+    try:
+        names = [h.name for h in all_hosts(restarted.image_hosts())]
+        assert "imageHosts/late" in names
+    finally:
+        restarted.stop()
