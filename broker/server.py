@@ -79,19 +79,33 @@ def _tls_files(config: ServerConfig) -> TlsFiles | None:
     return TlsFiles(config.tls_cert, config.tls_key, config.client_ca)
 
 
-def start_server(
-    config: ServerConfig, store: SecretStore, audit: AuditTrail, principals: PrincipalRegistry
-) -> RunningServer:
+def transport_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """Check the transport settings; None means plaintext. Runs before anything is written."""
     missing = unclassified(registered_methods())
     if missing:
         raise StartupError(f"RPCs without an authorisation rule: {', '.join(missing)}")
     tls = _tls_files(config)
-    if tls is None and not is_loopback(config.address) and not config.insecure_allow_plaintext:
-        raise StartupError(
-            f"refusing to serve plaintext on {config.address}, which is not a loopback address: "
-            "give --tls-cert and --tls-key, or --insecure-allow-plaintext if you really mean it"
-        )
+    if tls is None:
+        if not is_loopback(config.address) and not config.insecure_allow_plaintext:
+            raise StartupError(
+                f"refusing to serve plaintext on {config.address}, which is not a loopback "
+                "address: give --tls-cert and --tls-key, or --insecure-allow-plaintext if you "
+                "really mean it"
+            )
+        return None
+    try:
+        return server_credentials(tls)
+    except TlsConfigError as exc:
+        raise StartupError(str(exc)) from None
 
+
+def start_server(
+    config: ServerConfig,
+    store: SecretStore,
+    audit: AuditTrail,
+    principals: PrincipalRegistry,
+    credentials: grpc.ServerCredentials | None,
+) -> RunningServer:
     catalog = ImageHostCatalog(store, audit)
     if catalog.ensure_seeded():
         _log.info("empty store: seeded Docker Hub (anonymous) as the default image host")
@@ -128,16 +142,17 @@ def start_server(
     host = f"[{config.address}]" if ":" in config.address else config.address
     target = f"{host}:{config.port}"
     try:
-        if tls is None:
+        if credentials is None:
             port = server.add_insecure_port(target)
         else:
-            port = server.add_secure_port(target, server_credentials(tls))
-    except (RuntimeError, TlsConfigError) as exc:
+            port = server.add_secure_port(target, credentials)
+    except RuntimeError as exc:
         raise StartupError(f"cannot listen on {target}: {exc}") from None
     if port == 0:
         raise StartupError(f"cannot listen on {target}")
     server.start()
-    mode = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca else "TLS")
+    modes = {None: "plaintext", False: "TLS", True: "mutual TLS"}
+    mode = modes[None if credentials is None else config.client_ca is not None]
     _log.info("listening on %s:%d (%s, store: %s)", host, port, mode, config.data_dir)
     return RunningServer(server=server, health=health_servicer, port=port)
 
@@ -175,11 +190,12 @@ def serve(config: ServerConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        credentials = transport_credentials(config)
         store = FileStore(config.data_dir)
         created_admin = ensure_admin(config)
         principals = PrincipalRegistry(PrincipalsFile(config.principals_path))
         audit_stream = _open_audit(config)
-        running = start_server(config, store, AuditTrail(audit_stream), principals)
+        running = start_server(config, store, AuditTrail(audit_stream), principals, credentials)
     except (StoreCorrupt, StoreUnavailable) as exc:
         _log.error("cannot open the store: %s", exc)
         return 2

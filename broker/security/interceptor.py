@@ -44,10 +44,9 @@ def certificate_identities(context: grpc.ServicerContext) -> list[str]:
     # grpc-stubs types this as Mapping[str, bytes]; it maps to lists of bytes.
     auth: dict[str, list[bytes]] = dict(context.auth_context())  # type: ignore[arg-type]
     identities = [f"cn:{v.decode()}" for v in auth.get("x509_common_name", [])]
-    uris = auth.get("x509_uri_subject_alternative_name")
-    if uris is None:
-        uris = [v for v in auth.get("x509_subject_alternative_name", []) if b"://" in v]
-    identities += [f"uri:{v.decode()}" for v in uris]
+    # gRPC puts the URI SANs, and only those, under peer_uri;
+    # x509_subject_alternative_name mixes in DNS names, e-mail and IP addresses.
+    identities += [f"uri:{v.decode()}" for v in auth.get("peer_uri", [])]
     return identities
 
 
