@@ -169,6 +169,7 @@ def ensure_admin(config: ServerConfig) -> bool:
     assert token is not None
     fd = os.open(config.admin_token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a leftover file keeps its mode through O_TRUNC
         os.write(fd, token.encode() + b"\n")
         os.fsync(fd)
     finally:
@@ -205,13 +206,16 @@ def serve(config: ServerConfig) -> int:
 
     if created_admin:
         tls_flag = "-plaintext" if config.tls_cert is None else "-cacert CA.pem"
+        # -expand-headers lets grpcurl read the token from the environment, so it
+        # never appears in the process list or the shell history.
         _log.info(
             "created the admin principal; its bearer token is in %s (mode 0600). Try:\n"
-            '  grpcurl %s -H "authorization: Bearer $(cat %s)" %s:%d '
-            "broker.v1.ImageHostService/ListImageHosts",
+            '  export CREDBROKER_TOKEN="$(cat %s)"\n'
+            "  grpcurl %s -expand-headers -H 'authorization: Bearer ${CREDBROKER_TOKEN}' "
+            "%s:%d broker.v1.ImageHostService/ListImageHosts",
+            config.admin_token_path,
             config.admin_token_path,
             tls_flag,
-            config.admin_token_path,
             config.address,
             running.port,
         )

@@ -106,4 +106,4 @@ class ImageHostServicer(image_hosts_pb2_grpc.ImageHostServiceServicer):
     def GetDefaultImageHost(
         self, request: image_hosts_pb2.GetDefaultImageHostRequest, context: grpc.ServicerContext
     ) -> image_hosts_pb2.ImageHost:
-        return image_host_to_proto(self._catalog.get_default())
+        return image_host_to_proto(self._catalog.get_default(actor_of(context)))

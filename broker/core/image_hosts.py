@@ -194,10 +194,11 @@ class ImageHostCatalog:
         default_id = self._default_id()
         return [_host_from_entry(e, default_id) for e in _read(self._store.list, HOSTS_PREFIX)]
 
-    def get_default(self) -> ImageHost:
+    def get_default(self, actor: Actor = SYSTEM_ACTOR) -> ImageHost:
         default_id = self._default_id()
         if default_id is None:
             raise FailedPrecondition("no default image host is set", reason="NO_DEFAULT_IMAGE_HOST")
+        _check_scope(actor, default_id)
         entry = _read(self._store.get, HOSTS_PREFIX + default_id)
         if entry is None:
             raise FailedPrecondition(
@@ -210,8 +211,8 @@ class ImageHostCatalog:
     # -- changes -------------------------------------------------------------
 
     def create(self, image_host_id: str, fields: HostFields, actor: Actor) -> ImageHost:
-        _check_id(image_host_id, "image_host_id")
         _check_scope(actor, image_host_id)
+        _check_id(image_host_id, "image_host_id")
         url = fields.url or ""
         location = _parse_url(url)
         username = fields.username or ""
@@ -230,7 +231,7 @@ class ImageHostCatalog:
                     reason="IMAGE_HOST_ALREADY_EXISTS",
                 )
             ops: list[Operation] = [Put(key, data, 0)]
-            ops += self._claim_ops(location, image_host_id, release=None)
+            ops += self._claim_ops(location, image_host_id, release=None, actor=actor)
             default = _read(self._store.get, DEFAULT_KEY)
             becomes_default = default is None
             if becomes_default:
@@ -254,6 +255,7 @@ class ImageHostCatalog:
         etag: str,
         actor: Actor,
     ) -> ImageHost:
+        _check_scope(actor, image_host_id)
         unknown = [p for p in mask if p not in MUTABLE_FIELDS]
         if unknown:
             raise InvalidArgument.single(
@@ -290,7 +292,9 @@ class ImageHostCatalog:
             )
             ops: list[Operation] = [Put(key, data, current.version)]
             if location.claim != current.location.claim:
-                ops += self._claim_ops(location, image_host_id, release=current.location)
+                ops += self._claim_ops(
+                    location, image_host_id, release=current.location, actor=actor
+                )
             versions = self._commit(ops)
             return _host_from_data(image_host_id, data, versions[key], current.is_default)
 
@@ -323,6 +327,7 @@ class ImageHostCatalog:
         self._record("DeleteImageHost", actor, host, {})
 
     def set_default(self, image_host_id: str, reason: str, etag: str, actor: Actor) -> ImageHost:
+        _check_scope(actor, image_host_id)
         if not reason.strip():
             raise InvalidArgument.single("reason", "is required: say why the default changes")
         problem = _text_violation(reason, MAX_REASON, allow_space=True)
@@ -390,7 +395,11 @@ class ImageHostCatalog:
         return None if entry is None else str(entry.data.get("image_host_id") or "") or None
 
     def _claim_ops(
-        self, location: RegistryLocation, image_host_id: str, release: RegistryLocation | None
+        self,
+        location: RegistryLocation,
+        image_host_id: str,
+        release: RegistryLocation | None,
+        actor: Actor = SYSTEM_ACTOR,
     ) -> list[Operation]:
         ops: list[Operation] = []
         claim = _read(self._store.get, _claim_key(location))
@@ -400,6 +409,13 @@ class ImageHostCatalog:
             and owner != image_host_id
             and _read(self._store.get, HOSTS_PREFIX + str(owner)) is not None
         ):
+            if not actor.may_use_host(str(owner)):
+                # Do not name a host outside the caller's scope.
+                raise AlreadyExists(
+                    f"registry {location.claim} is already served by another image host",
+                    reason="REGISTRY_ALREADY_CLAIMED",
+                    metadata={"registry": location.claim},
+                )
             raise AlreadyExists(
                 f"registry {location.claim} is already served by {RESOURCE_PREFIX}{owner}",
                 reason="REGISTRY_ALREADY_CLAIMED",

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.core.image_hosts import ID_RE
+
 ROLES = ("admin", "launcher", "provisioner", "viewer")
 TOKEN_PREFIX = "cbt_"  # noqa: S105 - a prefix, not a secret
 NAME_RE = re.compile(r"[a-z][a-z0-9._@-]{0,62}")
@@ -54,25 +56,39 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _strings(raw: dict[str, Any], key: str, name: str) -> list[str]:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PrincipalsError(f"principal {name}: {key} must be a list of strings")
+    return value
+
+
 def _principal_from_json(raw: Any) -> Principal:
     if not isinstance(raw, dict):
         raise PrincipalsError("each principal must be a JSON object")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PrincipalsError(f"principal name {name!r} is invalid")
-    roles = frozenset(raw.get("roles") or ())
+    roles = frozenset(_strings(raw, "roles", name))
     if not roles or not roles <= set(ROLES):
         raise PrincipalsError(f"principal {name}: roles must be among {', '.join(ROLES)}")
-    hashes = tuple(str(h) for h in raw.get("token_sha256") or ())
+    hashes = tuple(_strings(raw, "token_sha256", name))
     if any(not re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
         raise PrincipalsError(f"principal {name}: token_sha256 entries must be SHA-256 hex digests")
-    identities = frozenset(str(c) for c in raw.get("certificate_identities") or ())
+    identities = frozenset(_strings(raw, "certificate_identities", name))
     if any(not c.startswith(("cn:", "uri:")) or len(c) < 4 for c in identities):
         raise PrincipalsError(f"principal {name}: certificate identities are cn:NAME or uri:URI")
+    hosts = frozenset(_strings(raw, "image_hosts", name))
+    if any(not ID_RE.fullmatch(h) for h in hosts):
+        raise PrincipalsError(
+            f"principal {name}: image_hosts are image host ids (like 'team-a'), not resource names"
+        )
     return Principal(
         name=name,
         roles=roles,
-        image_hosts=frozenset(str(h) for h in raw.get("image_hosts") or ()),
+        image_hosts=hosts,
         token_hashes=hashes,
         certificate_identities=identities,
     )
@@ -116,6 +132,8 @@ class PrincipalsFile:
             return parse_principals(self.path.read_text())
         except FileNotFoundError:
             return []
+        except UnicodeDecodeError as exc:
+            raise PrincipalsError(f"{self.path}: not UTF-8 text ({exc.reason})") from None
         except PrincipalsError as exc:
             raise PrincipalsError(f"{self.path}: {exc}") from None
 

@@ -539,8 +539,14 @@ def test_sigterm_lets_an_in_flight_call_finish(tmp_path: Path) -> None:
             pb.CreateImageHostRequest(image_host_id="late", image_host=pb.ImageHost(url="late.io")),
             timeout=30,
         )
-        time.sleep(0.5)  # let the call reach the store
-        assert not future.done()
+        # The call is in flight once the broker has the lock file open (waiting for it).
+        lock_file = str(process.data_dir / "store.lock")
+        descriptors = Path(f"/proc/{process.process.pid}/fd")
+        deadline = time.monotonic() + 20
+        while not any(os.path.realpath(fd) == lock_file for fd in descriptors.iterdir()):
+            assert time.monotonic() < deadline, "the create never reached the store"
+            assert not future.done()
+            time.sleep(0.02)
         process.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert process.process.poll() is None, "the broker quit with a call in flight"
