@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker.api.errors import ErrorMappingInterceptor
+from broker.api.errors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from broker.api.image_hosts import ImageHostServicer
 from broker.config import ServerConfig
 from broker.core.image_hosts import ImageHostCatalog
@@ -121,7 +121,7 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         # The first interceptor is the outermost: errors of the others are mapped too.
-        interceptors=[ErrorMappingInterceptor(), security],
+        interceptors=[ErrorMappingInterceptor(), security, RequestDecodingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),

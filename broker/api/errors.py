@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -27,7 +27,15 @@ ERROR_DOMAIN = "credbroker.dev"
 
 _log = logging.getLogger("credbroker.errors")
 
+
+class MalformedRequest(errors.BrokerError):
+    """The request body does not parse as the method's request message."""
+
+    reason = "MALFORMED_REQUEST"
+
+
 _CODES: list[tuple[type[errors.BrokerError], int]] = [
+    (MalformedRequest, code_pb2.INVALID_ARGUMENT),
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (errors.NotFound, code_pb2.NOT_FOUND),
     (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
@@ -105,3 +113,32 @@ class ErrorMappingInterceptor(AroundInterceptor):
             yield
         except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
             _guard(method, context, exc)
+
+
+class _Undecodable:
+    """Stands in for a request body that did not parse."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+class RequestDecodingInterceptor(AroundInterceptor):
+    """The innermost interceptor. gRPC itself answers a body that does not parse
+    with a bare INTERNAL; here it becomes INVALID_ARGUMENT (MALFORMED_REQUEST),
+    raised inside the outer interceptors so that authentication still comes first."""
+
+    def wrap_deserializer(self, method: str, deserializer: Callable[[bytes], Any]) -> Any:
+        def tolerant(data: bytes) -> Any:
+            try:
+                return deserializer(data)
+            except Exception:  # noqa: BLE001 - a body that does not parse is the caller's mistake
+                return _UNDECODABLE
+
+        return tolerant
+
+    @contextlib.contextmanager
+    def around(self, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+        if request is _UNDECODABLE:
+            name = method.rsplit("/", 1)[-1]
+            raise MalformedRequest(f"the request body is not a valid {name} request")
+        yield

@@ -22,6 +22,10 @@ else:
 
 
 class AroundInterceptor(_Interceptor):
+    def wrap_deserializer(self, method: str, deserializer: Callable[[bytes], Any]) -> Any:
+        """The request deserializer to use; by default the method's own."""
+        return deserializer
+
     def around(
         self, method: str, request: Any, context: grpc.ServicerContext
     ) -> AbstractContextManager[None]:
@@ -36,6 +40,9 @@ class AroundInterceptor(_Interceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
+        deserializer = handler.request_deserializer
+        if deserializer is not None:
+            deserializer = self.wrap_deserializer(method, deserializer)
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -44,7 +51,7 @@ class AroundInterceptor(_Interceptor):
                     return inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, deserializer, handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
@@ -54,7 +61,7 @@ class AroundInterceptor(_Interceptor):
                     yield from inner_us(request, context)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, deserializer, handler.response_serializer
             )
         # Client-streaming methods: only reflection has them, and it stays open.
         return handler

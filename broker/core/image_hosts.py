@@ -59,6 +59,7 @@ MAX_DISPLAY_NAME = 100
 MAX_USERNAME = 256
 MAX_ACCESS_TOKEN = 8192
 MAX_REASON = 512
+MAX_PAGE_TOKEN = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # Retries of a write without an etag that lost a race with another writer.
@@ -260,7 +261,7 @@ class ImageHostCatalog:
         if unknown:
             raise InvalidArgument.single(
                 "update_mask",
-                f"cannot update {', '.join(unknown)}; updatable fields are "
+                f"cannot update {_shown(unknown)}; updatable fields are "
                 + ", ".join(MUTABLE_FIELDS),
             )
         if not mask:
@@ -495,6 +496,13 @@ def _check_scope(actor: Actor, image_host_id: str) -> None:
         )
 
 
+def _shown(values: Sequence[str], limit: int = 3, width: int = 40) -> str:
+    """Caller-supplied values for an error message: escaped, few and short."""
+    shown = [repr(v if len(v) <= width else v[:width] + "...") for v in values[:limit]]
+    more = len(values) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
 def _check_etag(host: ImageHost, etag: str) -> None:
     if etag and etag != host.etag:
         raise Aborted(
@@ -598,12 +606,15 @@ def _encode_page_token(after_id: str) -> str:
 def _decode_page_token(token: str) -> str:
     if not token:
         return ""
+    invalid = InvalidArgument.single("page_token", "is not a token returned by ListImageHosts")
+    # Our tokens are about 110 characters; a longer one could only feed json.loads
+    # deeply nested brackets (RecursionError).
+    if len(token) > MAX_PAGE_TOKEN:
+        raise invalid
     try:
         after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument.single(
-            "page_token", "is not a token returned by ListImageHosts"
-        ) from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise invalid from None
     if not isinstance(after, str) or not ID_RE.fullmatch(after):
-        raise InvalidArgument.single("page_token", "is not a token returned by ListImageHosts")
+        raise invalid
     return after

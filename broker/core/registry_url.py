@@ -102,7 +102,19 @@ def _normalise_host(host: str, port: str | None) -> str:
             address = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise InvalidRegistryUrl("host is not a valid IPv6 address") from None
-        name = f"[{address.compressed}]"
+        if address.scope_id is not None:
+            raise InvalidRegistryUrl(
+                "IPv6 zone ids ('%eth0') are not allowed: image references cannot contain them"
+            )
+        mapped = address.ipv4_mapped
+        # Python 3.13+ writes IPv4-mapped addresses dotted (::ffff:1.2.3.4), which the
+        # reference grammar rejects; keep the hex form on every Python version.
+        text = (
+            f"::ffff:{int(mapped) >> 16:x}:{int(mapped) & 0xFFFF:x}"
+            if mapped is not None
+            else address.compressed
+        )
+        name = f"[{text}]"
     else:
         if not host or len(host) > 253 or not _DOMAIN_NAME_RE.fullmatch(host):
             raise InvalidRegistryUrl(

@@ -52,6 +52,8 @@ def certificate_identities(context: grpc.ServicerContext) -> list[str]:
 
 def _resource_of(request: Any) -> tuple[str, str]:
     """The resource name and image a request is about, for the audit record."""
+    if not hasattr(request, "DESCRIPTOR"):  # a body that did not parse
+        return "", ""
     fields = request.DESCRIPTOR.fields_by_name
     resource = ""
     if "name" in fields:
