@@ -16,7 +16,7 @@ PROTOS := $(wildcard proto/broker/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iproto -Ithird_party/googleapis \
 	-I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 
-.PHONY: help setup run test unit integration proto check-proto lint typecheck fmt clean
+.PHONY: help setup run test unit integration bench proto check-proto lint typecheck fmt clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test: setup check-proto lint typecheck ## Set up, check and run the whole suite
 
 unit: setup ## Run only the unit tests
 	$(BIN)/pytest tests/unit
+
+bench: setup ## Throughput of the hot read paths, as ratios to a health-check baseline
+	$(BIN)/python -m benchmarks.bench_rpc
 
 proto: setup ## Regenerate broker/v1 from proto/
 	buf lint

@@ -26,6 +26,7 @@ from broker.security.principals import Principal, PrincipalRegistry
 from broker.security.ratelimit import TokenBuckets
 
 MAX_TOKEN_LENGTH = 512
+MAX_AUDITED_FIELD = 512
 _ALWAYS_AUDITED_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"})
 
 
@@ -63,7 +64,8 @@ def _resource_of(request: Any) -> tuple[str, str]:
     elif "image_host" in fields and request.HasField("image_host"):
         resource = request.image_host.name
     image = request.image if "image" in fields else ""
-    return resource, image
+    # Callers choose these strings: keep one audit line bounded whatever they send.
+    return resource[:MAX_AUDITED_FIELD], image[:MAX_AUDITED_FIELD]
 
 
 class SecurityInterceptor(AroundInterceptor):
