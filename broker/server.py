@@ -40,6 +40,24 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 
 
+class _WithholdUndecodableMetadata(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 verbatim, at ERROR with a traceback
+    ("Invalid encoding on b'Bearer <token>\\xff'"): such a value is often a credential.
+    Keep the fact, drop the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Invalid encoding on %s":
+            record.msg = "a call carried a metadata value that is not UTF-8 (value withheld)"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_WithholdUndecodableMetadata())
+
+
 class StartupError(Exception):
     """The server cannot start as configured; the message says what to fix."""
 

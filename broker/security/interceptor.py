@@ -90,6 +90,7 @@ class SecurityInterceptor(AroundInterceptor):
         peer = context.peer()
         principal_name = "-"
         code = "OK"
+        error_reason = ""
         with self._audit.call() as details:
             try:
                 principal = self._authenticate(context, peer_host(peer))
@@ -113,6 +114,7 @@ class SecurityInterceptor(AroundInterceptor):
                     current_actor.reset(token)
             except BrokerError as exc:
                 code = code_pb2.Code.Name(code_of(exc))
+                error_reason = exc.reason
                 raise
             except GeneratorExit:
                 code = "CANCELLED"
@@ -133,6 +135,7 @@ class SecurityInterceptor(AroundInterceptor):
                             "image": image,
                             "outcome": "OK" if code == "OK" else "FAILED",
                             "code": code,
+                            "error_reason": error_reason,
                             **details,
                         }
                     )
@@ -162,8 +165,9 @@ class SecurityInterceptor(AroundInterceptor):
         )
 
     def _by_bearer_token(self, header: str, host: str) -> Principal:
-        # Refuse before checking: an address that keeps failing cannot keep guessing.
-        if not self._failed_logins.has(host):
+        # Reserve a failure before checking, atomically: an address that keeps
+        # failing cannot keep guessing, not even with many calls at once.
+        if not self._failed_logins.take(host):
             wait = self._failed_logins.retry_after(host)
             raise ResourceExhausted(
                 f"too many failed authentication attempts from this address; retry in {wait:.0f} s",
@@ -175,9 +179,9 @@ class SecurityInterceptor(AroundInterceptor):
         if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN_LENGTH:
             principal = self._principals.by_token(token)
         if principal is None:
-            self._failed_logins.take(host)
             raise Unauthenticated(
                 "the authorization header is not 'Bearer <token>' with a valid token",
                 reason="INVALID_TOKEN",
             )
+        self._failed_logins.give_back(host)
         return principal

@@ -46,6 +46,12 @@ class TokenBuckets:
                 self._buckets.popitem(last=False)
             return allowed
 
+    def give_back(self, key: str, cost: float = 1.0) -> None:
+        """Return what `take` took (a reservation that was not needed)."""
+        with self._lock:
+            now = self._clock()
+            self._buckets[key] = (min(self.burst, self._level(key, now) + cost), now)
+
     def has(self, key: str, cost: float = 1.0) -> bool:
         with self._lock:
             return self._level(key, self._clock()) >= cost
