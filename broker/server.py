@@ -18,23 +18,34 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker.api.credentials import CredentialServicer
 from broker.api.errors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from broker.api.image_hosts import ImageHostServicer
 from broker.config import ServerConfig
+from broker.core.errors import BrokerError
 from broker.core.image_hosts import ImageHostCatalog
+from broker.core.resolution import CredentialResolver
 from broker.security.audit import AuditTrail
 from broker.security.authz import unclassified
 from broker.security.interceptor import SecurityInterceptor
 from broker.security.principals import PrincipalRegistry, PrincipalsError, PrincipalsFile
 from broker.security.ratelimit import TokenBuckets
 from broker.security.tls import TlsConfigError, TlsFiles, server_credentials
-from broker.stores.base import SecretStore, StoreCorrupt, StoreUnavailable
-from broker.stores.file import FileStore
-from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
+from broker.stores.base import SecretStore, StoreError
+from broker.stores.factory import open_backend
+from broker.v1 import (
+    credentials_pb2,
+    credentials_pb2_grpc,
+    image_hosts_pb2,
+    image_hosts_pb2_grpc,
+)
 
 _log = logging.getLogger("credbroker")
 
-SERVICES = (image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"],)
+SERVICES = (
+    image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"],
+    credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
+)
 SERVICE_NAMES: Sequence[str] = tuple(s.full_name for s in SERVICES)
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
@@ -148,6 +159,9 @@ def start_server(
         ],
     )
     image_hosts_pb2_grpc.add_ImageHostServiceServicer_to_server(ImageHostServicer(catalog), server)
+    credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
+        CredentialServicer(CredentialResolver(catalog, audit)), server
+    )
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -210,15 +224,15 @@ def serve(config: ServerConfig) -> int:
     )
     try:
         credentials = transport_credentials(config)
-        store = FileStore(config.data_dir)
+        store = open_backend(config)
         created_admin = ensure_admin(config)
         principals = PrincipalRegistry(PrincipalsFile(config.principals_path))
         audit_stream = _open_audit(config)
         running = start_server(config, store, AuditTrail(audit_stream), principals, credentials)
-    except (StoreCorrupt, StoreUnavailable) as exc:
+    except StoreError as exc:
         _log.error("cannot open the store: %s", exc)
         return 2
-    except (StartupError, PrincipalsError, OSError) as exc:
+    except (StartupError, PrincipalsError, OSError, BrokerError) as exc:
         _log.error("cannot start: %s", exc)
         return 2
 
