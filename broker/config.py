@@ -33,6 +33,27 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class VaultOptions:
+    """Where the Vault store lives and how the broker logs in (see README, Vault)."""
+
+    url: str
+    mount: str = "secret"
+    prefix: str = "credbroker"
+    namespace: str | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    auth: str = "token"
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+    approle_mount: str = "approle"
+    kubernetes_role: str | None = None
+    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_mount: str = "kubernetes"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     address: str
     port: int
@@ -49,6 +70,10 @@ class ServerConfig:
     rate_limit: float = 200.0
     auth_failure_burst: int = 10
     auth_failure_refill_seconds: float = 3.0
+    store: str = "file"
+    vault: VaultOptions | None = None
+    cache_ttl: float = 5.0
+    cache_stale_window: float = 300.0
 
     @property
     def principals_path(self) -> Path:
@@ -71,12 +96,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=env("CREDBROKER_PORT", str(DEFAULT_PORT)),
         help="port to listen on, 0 for any free port (env CREDBROKER_PORT, default %(default)s)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(env("CREDBROKER_DATA_DIR", str(default_data_dir()))),
-        help="directory of the embedded store (env CREDBROKER_DATA_DIR, default %(default)s)",
     )
     parser.add_argument(
         "--log-level",
@@ -157,6 +176,137 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "(env CREDBROKER_AUTH_FAILURE_REFILL_SECONDS, default %(default)s)",
     )
 
+    add_storage_arguments(parser)
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser, *, choose_store: bool = True) -> None:
+    """Where the data lives: for `serve`, and for `store migrate` (which names both ends)."""
+    env = os.environ.get
+    storage = parser.add_argument_group("storage")
+    storage.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env("CREDBROKER_DATA_DIR", str(default_data_dir()))),
+        help="directory of the embedded store, the principals and the admin token "
+        "(env CREDBROKER_DATA_DIR, default %(default)s)",
+    )
+    if choose_store:
+        storage.add_argument(
+            "--store",
+            choices=["file", "vault"],
+            default=env("CREDBROKER_STORE", "file"),
+            help="where image hosts live: the embedded encrypted file, or Vault KV v2 "
+            "(env CREDBROKER_STORE, default %(default)s)",
+        )
+    storage.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=env("CREDBROKER_CACHE_TTL", "5"),
+        help="seconds a cached read is fresh; another replica's change shows within it "
+        "(env CREDBROKER_CACHE_TTL, default %(default)s)",
+    )
+    storage.add_argument(
+        "--cache-stale-window",
+        type=float,
+        default=env("CREDBROKER_CACHE_STALE_WINDOW", "300"),
+        help="seconds cached reads are still served while the store is unreachable "
+        "(env CREDBROKER_CACHE_STALE_WINDOW, default %(default)s)",
+    )
+    vault = parser.add_argument_group(
+        "vault (with --store vault; VAULT_TOKEN is read from the environment)"
+    )
+    vault.add_argument("--vault-addr", default=env("VAULT_ADDR", ""), help="env VAULT_ADDR")
+    vault.add_argument(
+        "--vault-mount",
+        default=env("CREDBROKER_VAULT_MOUNT", "secret"),
+        help="KV v2 mount (env CREDBROKER_VAULT_MOUNT, default %(default)s)",
+    )
+    vault.add_argument(
+        "--vault-prefix",
+        default=env("CREDBROKER_VAULT_PREFIX", "credbroker"),
+        help="path prefix inside the mount (env CREDBROKER_VAULT_PREFIX, default %(default)s)",
+    )
+    vault.add_argument(
+        "--vault-namespace",
+        default=env("VAULT_NAMESPACE", ""),
+        help="Enterprise namespace (env VAULT_NAMESPACE)",
+    )
+    vault.add_argument(
+        "--vault-cacert", type=Path, default=env_path("VAULT_CACERT"), help="env VAULT_CACERT"
+    )
+    vault.add_argument(
+        "--vault-client-cert",
+        type=Path,
+        default=env_path("VAULT_CLIENT_CERT"),
+        help="env VAULT_CLIENT_CERT",
+    )
+    vault.add_argument(
+        "--vault-client-key",
+        type=Path,
+        default=env_path("VAULT_CLIENT_KEY"),
+        help="env VAULT_CLIENT_KEY",
+    )
+    vault.add_argument(
+        "--vault-auth",
+        choices=["token", "approle", "kubernetes"],
+        default=env("CREDBROKER_VAULT_AUTH", "token"),
+        help="how to log in (env CREDBROKER_VAULT_AUTH, default %(default)s)",
+    )
+    vault.add_argument(
+        "--vault-token-file",
+        type=Path,
+        default=env_path("CREDBROKER_VAULT_TOKEN_FILE"),
+        help="token file re-read when Vault rejects the token, e.g. a Vault Agent sink "
+        "(env CREDBROKER_VAULT_TOKEN_FILE; else VAULT_TOKEN)",
+    )
+    vault.add_argument(
+        "--vault-role-id", default=env("CREDBROKER_VAULT_ROLE_ID", ""), help="AppRole role id"
+    )
+    vault.add_argument(
+        "--vault-secret-id-file",
+        type=Path,
+        default=env_path("CREDBROKER_VAULT_SECRET_ID_FILE"),
+        help="file holding the AppRole secret id",
+    )
+    vault.add_argument(
+        "--vault-approle-mount", default=env("CREDBROKER_VAULT_APPROLE_MOUNT", "approle")
+    )
+    vault.add_argument(
+        "--vault-k8s-role",
+        default=env("CREDBROKER_VAULT_K8S_ROLE", ""),
+        help="Kubernetes auth role",
+    )
+    vault.add_argument(
+        "--vault-k8s-jwt-file",
+        type=Path,
+        default=env(
+            "CREDBROKER_VAULT_K8S_JWT_FILE", "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        ),
+    )
+    vault.add_argument("--vault-k8s-mount", default=env("CREDBROKER_VAULT_K8S_MOUNT", "kubernetes"))
+
+
+def vault_options_from(args: argparse.Namespace) -> VaultOptions | None:
+    if getattr(args, "store", "vault") != "vault":
+        return None
+    return VaultOptions(
+        url=args.vault_addr,
+        mount=args.vault_mount,
+        prefix=args.vault_prefix,
+        namespace=args.vault_namespace or None,
+        ca_file=args.vault_cacert,
+        client_cert=args.vault_client_cert,
+        client_key=args.vault_client_key,
+        auth=args.vault_auth,
+        token_file=args.vault_token_file,
+        role_id=args.vault_role_id or None,
+        secret_id_file=args.vault_secret_id_file,
+        approle_mount=args.vault_approle_mount,
+        kubernetes_role=args.vault_k8s_role or None,
+        kubernetes_jwt_file=args.vault_k8s_jwt_file,
+        kubernetes_mount=args.vault_k8s_mount,
+    )
+
 
 def server_config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
@@ -175,4 +325,8 @@ def server_config_from(args: argparse.Namespace) -> ServerConfig:
         rate_limit=args.rate_limit,
         auth_failure_burst=args.auth_failure_burst,
         auth_failure_refill_seconds=args.auth_failure_refill_seconds,
+        store=args.store,
+        vault=vault_options_from(args),
+        cache_ttl=args.cache_ttl,
+        cache_stale_window=args.cache_stale_window,
     )

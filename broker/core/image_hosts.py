@@ -45,6 +45,8 @@ from broker.stores.base import (
     Put,
     SecretStore,
     StoreCorrupt,
+    StoreError,
+    StorePermissionDenied,
     StoreUnavailable,
     VersionConflict,
 )
@@ -231,8 +233,10 @@ class ImageHostCatalog:
                     f"{RESOURCE_PREFIX}{image_host_id} already exists",
                     reason="IMAGE_HOST_ALREADY_EXISTS",
                 )
-            ops: list[Operation] = [Put(key, data, 0)]
-            ops += self._claim_ops(location, image_host_id, release=None, actor=actor)
+            # The registry claim first: with a store that applies a batch in order,
+            # a lost claim then stops the batch before the host is written.
+            ops = self._claim_ops(location, image_host_id, release=None, actor=actor)
+            ops.append(Put(key, data, 0))
             default = _read(self._store.get, DEFAULT_KEY)
             becomes_default = default is None
             if becomes_default:
@@ -291,11 +295,12 @@ class ImageHostCatalog:
             data = _host_data(
                 display_name, url, username, token, current.create_time, self._clock()
             )
-            ops: list[Operation] = [Put(key, data, current.version)]
+            ops: list[Operation] = []
             if location.claim != current.location.claim:
                 ops += self._claim_ops(
                     location, image_host_id, release=current.location, actor=actor
                 )
+            ops.append(Put(key, data, current.version))
             versions = self._commit(ops)
             return _host_from_data(image_host_id, data, versions[key], current.is_default)
 
@@ -462,9 +467,11 @@ _A = TypeVar("_A")
 
 
 def _read(call: Callable[[_A], _T], arg: _A) -> _T:
-    """Call the store, turning its failures into domain errors."""
+    """Call the store, turning its failures (but a version conflict) into domain errors."""
     try:
         return call(arg)
+    except VersionConflict:
+        raise
     except StoreUnavailable as exc:
         raise Unavailable(
             f"the secret store is unavailable: {exc}", reason="STORE_UNAVAILABLE"
@@ -473,6 +480,12 @@ def _read(call: Callable[[_A], _T], arg: _A) -> _T:
         raise Unavailable(
             f"the secret store cannot be read: {exc}", reason="STORE_CORRUPT"
         ) from None
+    except StorePermissionDenied as exc:
+        raise FailedPrecondition(
+            f"the secret store refused the broker: {exc}", reason="STORE_PERMISSION_DENIED"
+        ) from None
+    except StoreError as exc:
+        raise Unavailable(f"the secret store failed: {exc}", reason="STORE_ERROR") from None
 
 
 def _retry_unconditional(attempt: Callable[[], _T], etag: str = "") -> _T:

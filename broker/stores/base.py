@@ -73,6 +73,10 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or read right now; retrying may help."""
 
 
+class StorePermissionDenied(StoreError):
+    """The store refused the broker itself (e.g. a Vault policy lacks a capability)."""
+
+
 class StoreCorrupt(StoreError):
     """The stored data cannot be decrypted or parsed. Never repaired automatically."""
 
