@@ -32,6 +32,7 @@ from broker.security.principals import PrincipalRegistry, PrincipalsError, Princ
 from broker.security.ratelimit import TokenBuckets
 from broker.security.tls import TlsConfigError, TlsFiles, server_credentials
 from broker.stores.base import SecretStore, StoreError
+from broker.stores.cache import CachedStore
 from broker.stores.factory import open_backend
 from broker.v1 import (
     credentials_pb2,
@@ -73,13 +74,69 @@ class StartupError(Exception):
     """The server cannot start as configured; the message says what to fix."""
 
 
+# A health "service" that only reports the store: NOT_SERVING while degraded or
+# unavailable. For alerts; readiness probes use "" (NOT_SERVING only when unavailable).
+STORE_HEALTH_NAME = "credbroker.SecretStore"
+STORE_HEALTH_INTERVAL = 1.0
+
+
+class StoreHealthWatch:
+    """Mirrors the cache's view of the store into the gRPC health service.
+
+    Degraded (serving cached entries while the store is down): every service stays
+    SERVING, STORE_HEALTH_NAME turns NOT_SERVING. Unavailable (nothing recent enough
+    to serve): the services and "" turn NOT_SERVING too. The cache logs the changes.
+    """
+
+    def __init__(
+        self,
+        store: CachedStore,
+        servicer: health.HealthServicer,
+        interval: float = STORE_HEALTH_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._servicer = servicer
+        self._interval = interval
+        self._state = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-health", daemon=True)
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def check(self) -> None:
+        state = self._store.health().state
+        if state == self._state:
+            return
+        self._state = state
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = not_serving if state == "unavailable" else serving
+        for name in (*SERVICE_NAMES, ""):
+            self._servicer.set(name, overall)
+        self._servicer.set(STORE_HEALTH_NAME, serving if state == "ok" else not_serving)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.check()
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
     health: health.HealthServicer
     port: int
+    store_watch: StoreHealthWatch | None = None
 
     def stop(self, grace: float) -> None:
+        if self.store_watch is not None:
+            self.store_watch.stop()
         # Tell load balancers first, then let in-flight calls finish.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
@@ -167,6 +224,10 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    store_watch = None
+    if isinstance(store, CachedStore):
+        store_watch = StoreHealthWatch(store, health_servicer)
+        store_watch.start()
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -186,7 +247,7 @@ def start_server(
     modes = {None: "plaintext", False: "TLS", True: "mutual TLS"}
     mode = modes[None if credentials is None else config.client_ca is not None]
     _log.info("listening on %s:%d (%s, store: %s)", host, port, mode, config.data_dir)
-    return RunningServer(server=server, health=health_servicer, port=port)
+    return RunningServer(server=server, health=health_servicer, port=port, store_watch=store_watch)
 
 
 def ensure_admin(config: ServerConfig) -> bool:
@@ -216,6 +277,18 @@ def _open_audit(config: ServerConfig) -> TextIO:
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+def open_cached_store(config: ServerConfig) -> CachedStore:
+    """The configured store behind the read-through cache (see DESIGN.md, Storage)."""
+    if config.cache_ttl < 0 or config.cache_stale_window < config.cache_ttl:
+        raise StartupError(
+            "--cache-ttl must not be negative and --cache-stale-window must be at least "
+            f"--cache-ttl (got {config.cache_ttl:g} and {config.cache_stale_window:g})"
+        )
+    return CachedStore(
+        open_backend(config), ttl=config.cache_ttl, stale_window=config.cache_stale_window
+    )
+
+
 def serve(config: ServerConfig) -> int:
     logging.basicConfig(
         level=config.log_level,
@@ -224,7 +297,7 @@ def serve(config: ServerConfig) -> int:
     )
     try:
         credentials = transport_credentials(config)
-        store = open_backend(config)
+        store = open_cached_store(config)
         created_admin = ensure_admin(config)
         principals = PrincipalRegistry(PrincipalsFile(config.principals_path))
         audit_stream = _open_audit(config)

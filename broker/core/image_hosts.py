@@ -41,6 +41,7 @@ from broker.stores.base import (
     Check,
     Delete,
     Entry,
+    Invalidating,
     Operation,
     Put,
     SecretStore,
@@ -272,7 +273,7 @@ class ImageHostCatalog:
             raise InvalidArgument.single("update_mask", "names no field to update")
 
         def attempt() -> ImageHost:
-            current = self.get(image_host_id, actor)
+            current = self._current(image_host_id, etag, actor)
             _check_etag(current, etag)
             url = (fields.url or "") if "url" in mask else current.url
             location = _parse_url(url) if "url" in mask else current.location
@@ -310,7 +311,7 @@ class ImageHostCatalog:
 
     def delete(self, image_host_id: str, etag: str, actor: Actor) -> None:
         def attempt() -> ImageHost:
-            current = self.get(image_host_id, actor)
+            current = self._current(image_host_id, etag, actor)
             _check_etag(current, etag)
             default = _read(self._store.get, DEFAULT_KEY)
             if default is not None and default.data.get("image_host_id") == image_host_id:
@@ -341,7 +342,7 @@ class ImageHostCatalog:
             raise InvalidArgument.single("reason", problem)
 
         def attempt() -> tuple[ImageHost, str]:
-            host = self.get(image_host_id, actor)
+            host = self._current(image_host_id, etag, actor)
             _check_etag(host, etag)
             default = _read(self._store.get, DEFAULT_KEY)
             previous = str(default.data.get("image_host_id", "")) if default else ""
@@ -395,6 +396,16 @@ class ImageHostCatalog:
         return True
 
     # -- helpers -------------------------------------------------------------
+
+    def _current(self, image_host_id: str, etag: str, actor: Actor) -> ImageHost:
+        """The host a write starts from. A caller's etag can be newer than what a
+        cached store holds (it read through another replica): on a mismatch, forget
+        the cached copy and read once more before answering ETAG_MISMATCH."""
+        host = self.get(image_host_id, actor)
+        if etag and etag != host.etag and isinstance(self._store, Invalidating):
+            self._store.invalidate([HOSTS_PREFIX + image_host_id])
+            host = self.get(image_host_id, actor)
+        return host
 
     def _default_id(self) -> str | None:
         entry = _read(self._store.get, DEFAULT_KEY)

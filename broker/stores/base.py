@@ -10,9 +10,9 @@ it in order and stops at the first conflict.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 JsonObject = Mapping[str, Any]
 
@@ -91,6 +91,13 @@ class SecretStore(Protocol):
     def commit(self, operations: Sequence[Operation]) -> CommitResult: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Invalidating(Protocol):
+    """A store that caches reads and can be told to forget some keys."""
+
+    def invalidate(self, keys: Iterable[str]) -> None: ...
 
 
 def apply_operations(

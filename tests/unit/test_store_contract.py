@@ -31,6 +31,7 @@ from broker.stores.base import (
     StoreError,
     VersionConflict,
 )
+from broker.stores.cache import CachedStore
 from broker.stores.file import FileStore
 from broker.stores.memory import MemoryStore
 
@@ -48,6 +49,7 @@ class StoreKind:
 STORE_KINDS = [
     StoreKind("memory", lambda _tmp: MemoryStore()),
     StoreKind("file", lambda tmp: FileStore(tmp / "file-store")),
+    StoreKind("cached-memory", lambda _tmp: CachedStore(MemoryStore(), ttl=60, stale_window=600)),
 ]
 
 
