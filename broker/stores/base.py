@@ -10,6 +10,7 @@ it in order and stops at the first conflict.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -100,6 +101,20 @@ class Invalidating(Protocol):
     def invalidate(self, keys: Iterable[str]) -> None: ...
 
 
+#: Keys are '/'-separated segments of [A-Za-z0-9._-]: nothing Vault would refuse
+#: as a path (an empty segment, a trailing '/').
+KEY_RE = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+
+
+class InvalidKey(StoreError, ValueError):
+    """A key outside KEY_RE: a programming error, refused by every store alike."""
+
+
+def check_key(key: str) -> None:
+    if not KEY_RE.fullmatch(key):
+        raise InvalidKey(f"invalid store key {key!r}")
+
+
 def apply_operations(
     entries: dict[str, Any], retired: dict[str, int], operations: Sequence[Operation]
 ) -> dict[str, int]:
@@ -113,6 +128,7 @@ def apply_operations(
     staged_retired = dict(retired)
     versions: dict[str, int] = {}
     for op in operations:
+        check_key(op.key)
         current = staged.get(op.key)
         actual = 0 if current is None else int(current["version"])
         if actual != op.expected_version:

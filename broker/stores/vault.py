@@ -27,7 +27,6 @@ import requests
 from broker.stores.base import (
     Check,
     CommitResult,
-    Delete,
     Entry,
     Operation,
     Put,
@@ -35,6 +34,7 @@ from broker.stores.base import (
     StorePermissionDenied,
     StoreUnavailable,
     VersionConflict,
+    check_key,
 )
 
 _log = logging.getLogger("credbroker.vault")
@@ -185,38 +185,47 @@ class VaultStore:
         return self._call("read", path, read)
 
     def list(self, prefix: str) -> list[Entry]:
-        keys = self._list_keys(prefix.rstrip("/"))
+        # KV lists folders: list the folder holding the prefix, then filter.
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        keys = self._list_keys(folder)
         entries = [self.get(k) for k in sorted(keys) if k.startswith(prefix)]
         return [e for e in entries if e is not None]
 
     def commit(self, operations: Sequence[Operation]) -> CommitResult:
-        # Checks first: they change nothing, so a failing one needs no undo.
-        ordered: builtins.list[Operation] = [op for op in operations if isinstance(op, Check)]
-        ordered += [op for op in operations if not isinstance(op, Check)]
-        undo: builtins.list[Callable[[], None]] = []
+        # What each key held before the batch touched it, to restore on a conflict.
+        originals: dict[str, Entry | None] = {}
         versions: dict[str, int] = {}
+        for op in operations:
+            check_key(op.key)
         try:
-            for op in ordered:
+            for op in operations:
                 if isinstance(op, Check):
                     self._check(op.key, op.expected_version)
-                elif isinstance(op, Put):
-                    previous = self.get(op.key) if op.expected_version else None
+                    continue
+                if op.key not in originals:
+                    originals[op.key] = self.get(op.key)
+                if isinstance(op, Put):
                     versions[op.key] = self._put(op.key, op.data, op.expected_version)
-                    undo.append(self._undo_put(op.key, versions[op.key], previous))
-                elif isinstance(op, Delete):
-                    previous = self.get(op.key)
+                else:
                     self._delete(op.key, op.expected_version)
                     versions[op.key] = 0
-                    if previous is not None:
-                        undo.append(self._undo_delete(previous))
         except StoreError:
-            for step in reversed(undo):
-                try:
-                    step()
-                except StoreError as exc:
-                    _log.error("could not undo part of an interrupted batch: %s", exc)
+            self._restore(originals, versions)
             raise
         return CommitResult(versions=versions)
+
+    def _restore(self, originals: dict[str, Entry | None], written: dict[str, int]) -> None:
+        """Undo the part of a batch that was applied (new versions, old contents)."""
+        for key in reversed([k for k in originals if k in written]):
+            original = originals[key]
+            try:
+                _, live = self._live_version(key)
+                if original is None:
+                    self._delete(key, live)
+                else:
+                    self._put(key, original.data, live)
+            except StoreError as exc:
+                _log.error("could not undo part of an interrupted batch on %r: %s", key, exc)
 
     def close(self) -> None:
         self._stop.set()
@@ -300,21 +309,6 @@ class VaultStore:
         current, _ = self._live_version(key)
         if current != expected:
             raise VersionConflict(key, expected, current)
-
-    def _undo_put(self, key: str, written: int, previous: Entry | None) -> Callable[[], None]:
-        def undo() -> None:
-            if previous is None:
-                self._delete(key, written)
-            else:
-                self._put(key, previous.data, written)
-
-        return undo
-
-    def _undo_delete(self, previous: Entry) -> Callable[[], None]:
-        def undo() -> None:
-            self._put(previous.key, previous.data, 0)
-
-        return undo
 
     def _list_keys(self, prefix: str) -> builtins.list[str]:
         """Every key below `prefix` (a folder like "hosts", or "" for all)."""

@@ -1,11 +1,11 @@
 """The SecretStore contract, run against every store implementation.
 
-Each store is one `StoreKind` in `STORE_KINDS`. To add the Vault store, append
-`StoreKind("vault", open_vault_store, atomic_batches=False)` where
-`open_vault_store(tmp_path)` returns a store on a fresh mount/prefix (or calls
-`pytest.skip(...)` when no Vault is configured). Vault applies a batch in order
-and stops at the first conflict (see broker/stores/base.py), so it opts out of
-the all-or-nothing tests with `atomic_batches=False`.
+Each store is one `StoreKind` in `STORE_KINDS`. The Vault kind runs on the
+session's Vault (the emulator, or a real Vault when VAULT_ADDR is set), each test
+under a fresh prefix. Vault has no transactions: it applies a batch in order and,
+on a conflict, restores what the batch had changed, with new versions. So for it
+(`atomic_batches=False`) the all-or-nothing tests compare the data, not the
+version numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from broker.stores.base import (
     CommitResult,
     Delete,
     Entry,
+    InvalidKey,
     Operation,
     Put,
     SecretStore,
@@ -34,6 +35,7 @@ from broker.stores.base import (
 from broker.stores.cache import CachedStore
 from broker.stores.file import FileStore
 from broker.stores.memory import MemoryStore
+from tests.support.vault_target import VaultTarget
 
 # Fake values only: nothing here is a real credential.
 TOKEN = "fake-token-0123456789"
@@ -42,7 +44,9 @@ TOKEN = "fake-token-0123456789"
 @dataclass(frozen=True)
 class StoreKind:
     name: str
-    open: Callable[[Path], SecretStore]
+    #: Opens a store in a test's tmp_path; None: on the session's Vault (the
+    #: emulator, or a real Vault with VAULT_ADDR), under a fresh prefix.
+    open: Callable[[Path], SecretStore] | None
     atomic_batches: bool = True
 
 
@@ -50,6 +54,7 @@ STORE_KINDS = [
     StoreKind("memory", lambda _tmp: MemoryStore()),
     StoreKind("file", lambda tmp: FileStore(tmp / "file-store")),
     StoreKind("cached-memory", lambda _tmp: CachedStore(MemoryStore(), ttl=60, stale_window=600)),
+    StoreKind("vault", None, atomic_batches=False),
 ]
 
 
@@ -60,23 +65,26 @@ def store_kind(request: pytest.FixtureRequest) -> StoreKind:
 
 
 @pytest.fixture
-def store(store_kind: StoreKind, tmp_path: Path) -> Iterator[SecretStore]:
-    opened = store_kind.open(tmp_path)
+def store(
+    store_kind: StoreKind, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[SecretStore]:
+    if store_kind.open is None:
+        vault: VaultTarget = request.getfixturevalue("vault")
+        opened: SecretStore = vault.store()
+    else:
+        opened = store_kind.open(tmp_path)
     try:
         yield opened
     finally:
         opened.close()
 
 
-@pytest.fixture
-def atomic_store(store_kind: StoreKind, store: SecretStore) -> SecretStore:
-    if not store_kind.atomic_batches:
-        pytest.skip(f"{store_kind.name} applies batches in order, not all-or-nothing")
-    return store
-
-
 def snapshot(store: SecretStore) -> list[tuple[str, int, dict[str, Any]]]:
     return [(e.key, e.version, dict(e.data)) for e in store.list("")]
+
+
+def contents(store: SecretStore) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.key, dict(e.data)) for e in store.list("")]
 
 
 def put(store: SecretStore, key: str, data: dict[str, Any], expected: int = 0) -> int:
@@ -169,10 +177,12 @@ FAILING_LAST_OPS: dict[str, Operation] = {
 
 
 @pytest.mark.parametrize("failing", list(FAILING_LAST_OPS.values()), ids=list(FAILING_LAST_OPS))
-def test_batch_is_all_or_nothing(atomic_store: SecretStore, failing: Operation) -> None:
-    store = atomic_store
+def test_batch_is_all_or_nothing(
+    store_kind: StoreKind, store: SecretStore, failing: Operation
+) -> None:
     _seed_for_batch(store)
     before = snapshot(store)
+    before_contents = contents(store)
     batch: list[Operation] = [
         Put("created", {"v": "new"}, 0),
         Put("update-me", {"v": "new"}, 1),
@@ -183,18 +193,23 @@ def test_batch_is_all_or_nothing(atomic_store: SecretStore, failing: Operation) 
     with pytest.raises(VersionConflict) as info:
         store.commit(batch)
     assert info.value.key == failing.key
-    assert snapshot(store) == before
     assert store.get("created") is None
+    assert contents(store) == before_contents
+    if not store_kind.atomic_batches:
+        return  # restored with new versions: what follows needs the old ones
+    assert snapshot(store) == before
     # Nothing half-applied either: the same batch without the failing op works
     # from the untouched versions.
     result = store.commit(batch[:-1])
     assert dict(result.versions) == {"created": 2, "update-me": 2, "delete-me": 0}
 
 
-def test_conflict_in_the_middle_of_a_batch_applies_nothing(atomic_store: SecretStore) -> None:
-    store = atomic_store
+def test_conflict_in_the_middle_of_a_batch_applies_nothing(
+    store_kind: StoreKind, store: SecretStore
+) -> None:
     _seed_for_batch(store)
-    before = snapshot(store)
+    state = snapshot if store_kind.atomic_batches else contents
+    before = state(store)
     with pytest.raises(VersionConflict):
         store.commit(
             [
@@ -203,7 +218,7 @@ def test_conflict_in_the_middle_of_a_batch_applies_nothing(atomic_store: SecretS
                 Put("b", {"v": 1}, 0),
             ]
         )
-    assert snapshot(store) == before
+    assert state(store) == before
 
 
 def test_operations_in_a_batch_see_earlier_ones(store: SecretStore) -> None:
@@ -283,19 +298,26 @@ def test_delete_of_absent_key_is_a_clean_outcome(store: SecretStore, history: st
 
 
 def test_list_returns_matching_keys_in_key_order(store: SecretStore) -> None:
-    keys = ["hosts/b", "default", "hosts/a", "hostsx", "claims/zz", "hosts/a-1", "hosts/", "h"]
+    keys = ["hosts/b", "default", "hosts/a", "hostsx", "claims/zz", "hosts/a-1", "hosts/a/x", "h"]
     for i, key in enumerate(keys):
         put(store, key, {"i": i})
     put(store, "hosts/b", {"i": 99}, 1)
 
     listed = store.list("hosts/")
-    assert [e.key for e in listed] == ["hosts/", "hosts/a", "hosts/a-1", "hosts/b"]
+    assert [e.key for e in listed] == ["hosts/a", "hosts/a-1", "hosts/a/x", "hosts/b"]
     assert [e.version for e in listed] == [1, 1, 1, 2]
-    assert [e.data["i"] for e in listed] == [6, 2, 5, 99]
+    assert [e.data["i"] for e in listed] == [2, 5, 6, 99]
     assert [e.key for e in store.list("")] == sorted(keys)
     assert [e.key for e in store.list("claims/")] == ["claims/zz"]
     assert store.list("nothing/") == []
-    assert [e.key for e in store.list("hosts/a")] == ["hosts/a", "hosts/a-1"]
+    assert [e.key for e in store.list("hosts/a")] == ["hosts/a", "hosts/a-1", "hosts/a/x"]
+
+
+@pytest.mark.parametrize("key", ["", "hosts/", "/hosts", "hosts//a", "a b", "k\n"])
+def test_keys_vault_could_not_hold_are_refused_everywhere(store: SecretStore, key: str) -> None:
+    with pytest.raises(InvalidKey):
+        store.commit([Put(key, {"v": 1}, 0)])
+    assert store.list("") == []
 
 
 # -- copies ----------------------------------------------------------------------
