@@ -9,7 +9,7 @@ NODE_BIN := $(CURDIR)/node_modules/.bin
 export PATH := $(BIN):$(NODE_BIN):$(PATH)
 
 # Debian packages the test suite needs (installed only when missing).
-DEB_PACKAGES :=
+DEB_PACKAGES := docker.io docker-registry busybox-static iproute2 util-linux procps
 
 CREDBROKER_DATA_DIR ?= $(CURDIR)/.data
 PROTOS := $(wildcard proto/broker/v1/*.proto)

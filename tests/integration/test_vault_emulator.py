@@ -1365,6 +1365,8 @@ def test_request_log_records_presence_of_tokens_never_values(
 
 
 def test_listens_on_loopback_and_stop_closes_everything() -> None:
+    # Other emulators (the session's) may be running: only this one's threads count.
+    others = set(threading.enumerate())
     emu = VaultEmulator().start()
     assert emu.url.startswith("http://127.0.0.1:")
     port = emu.port
@@ -1384,7 +1386,9 @@ def test_listens_on_loopback_and_stop_closes_everything() -> None:
     finally:
         idle.close()
         session.close()
-    alive = [t for t in threading.enumerate() if t.name.startswith("vault-emulator")]
+    alive = [
+        t for t in threading.enumerate() if t.name.startswith("vault-emulator") and t not in others
+    ]
     assert alive == []
     with (
         pytest.raises(ConnectionRefusedError),
