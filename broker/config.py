@@ -74,6 +74,7 @@ class ServerConfig:
     vault: VaultOptions | None = None
     cache_ttl: float = 5.0
     cache_stale_window: float = 300.0
+    registry_ca_file: Path | None = None
 
     @property
     def principals_path(self) -> Path:
@@ -177,6 +178,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     add_storage_arguments(parser)
+    engines = parser.add_argument_group(
+        "engines (the Docker engine comes from DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH)"
+    )
+    engines.add_argument(
+        "--registry-ca-file",
+        type=Path,
+        default=env_path("CREDBROKER_REGISTRY_CA_FILE"),
+        help="extra CA bundle trusted when testing registry connections "
+        "(env CREDBROKER_REGISTRY_CA_FILE; default: the system's)",
+    )
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser, *, choose_store: bool = True) -> None:
@@ -329,4 +340,5 @@ def server_config_from(args: argparse.Namespace) -> ServerConfig:
         vault=vault_options_from(args),
         cache_ttl=args.cache_ttl,
         cache_stale_window=args.cache_stale_window,
+        registry_ca_file=args.registry_ca_file,
     )

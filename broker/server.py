@@ -21,10 +21,15 @@ from grpc_reflection.v1alpha import reflection
 from broker.api.credentials import CredentialServicer
 from broker.api.errors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from broker.api.image_hosts import ImageHostServicer
+from broker.api.pulls import PullServicer
 from broker.config import ServerConfig
+from broker.core.connection_test import ConnectionTester
 from broker.core.errors import BrokerError
 from broker.core.image_hosts import ImageHostCatalog
+from broker.core.pulls import Puller
 from broker.core.resolution import CredentialResolver
+from broker.engines.docker_engine import DockerEngine
+from broker.engines.registry import RegistryProber
 from broker.security.audit import AuditTrail
 from broker.security.authz import unclassified
 from broker.security.interceptor import SecurityInterceptor
@@ -39,6 +44,8 @@ from broker.v1 import (
     credentials_pb2_grpc,
     image_hosts_pb2,
     image_hosts_pb2_grpc,
+    pulls_pb2,
+    pulls_pb2_grpc,
 )
 
 _log = logging.getLogger("credbroker")
@@ -46,6 +53,7 @@ _log = logging.getLogger("credbroker")
 SERVICES = (
     image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"],
     credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
+    pulls_pb2.DESCRIPTOR.services_by_name["PullService"],
 )
 SERVICE_NAMES: Sequence[str] = tuple(s.full_name for s in SERVICES)
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -215,9 +223,16 @@ def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    image_hosts_pb2_grpc.add_ImageHostServiceServicer_to_server(ImageHostServicer(catalog), server)
+    resolver = CredentialResolver(catalog, audit)
+    tester = ConnectionTester(catalog, RegistryProber(ca_bundle=config.registry_ca_file), audit)
+    image_hosts_pb2_grpc.add_ImageHostServiceServicer_to_server(
+        ImageHostServicer(catalog, tester), server
+    )
     credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
-        CredentialServicer(CredentialResolver(catalog, audit)), server
+        CredentialServicer(resolver), server
+    )
+    pulls_pb2_grpc.add_PullServiceServicer_to_server(
+        PullServicer(Puller(resolver, DockerEngine())), server
     )
 
     health_servicer = health.HealthServicer()

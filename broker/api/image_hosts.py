@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import duration_pb2, empty_pb2
 
 from broker.api.context import actor_of
 from broker.api.convert import host_fields_from_proto, image_host_to_proto
+from broker.core.connection_test import Candidate, ConnectionTester
 from broker.core.errors import FieldViolation, InvalidArgument
 from broker.core.image_hosts import MUTABLE_FIELDS, ImageHostCatalog, resource_name_to_id
+from broker.core.secrets import Secret
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
 
 
@@ -40,8 +43,9 @@ def _require_host(
 
 
 class ImageHostServicer(image_hosts_pb2_grpc.ImageHostServiceServicer):
-    def __init__(self, catalog: ImageHostCatalog) -> None:
+    def __init__(self, catalog: ImageHostCatalog, tester: ConnectionTester) -> None:
         self._catalog = catalog
+        self._tester = tester
 
     def CreateImageHost(
         self, request: image_hosts_pb2.CreateImageHostRequest, context: grpc.ServicerContext
@@ -107,3 +111,22 @@ class ImageHostServicer(image_hosts_pb2_grpc.ImageHostServiceServicer):
         self, request: image_hosts_pb2.GetDefaultImageHostRequest, context: grpc.ServicerContext
     ) -> image_hosts_pb2.ImageHost:
         return image_host_to_proto(self._catalog.get_default(actor_of(context)))
+
+    def TestImageHost(
+        self, request: image_hosts_pb2.TestImageHostRequest, context: grpc.ServicerContext
+    ) -> image_hosts_pb2.TestImageHostResponse:
+        candidate = (
+            Candidate(request.candidate_username, Secret(request.candidate_access_token))
+            if request.use_candidate_credentials
+            else None
+        )
+        result = self._tester.test(resource_name_to_id(request.name), candidate, actor_of(context))
+        latency = duration_pb2.Duration()
+        latency.FromTimedelta(datetime.timedelta(seconds=result.latency))
+        return image_hosts_pb2.TestImageHostResponse(
+            result=f"TEST_IMAGE_HOST_RESULT_{result.result}",
+            message=result.message,
+            auth_scheme=result.auth_scheme,
+            endpoint=result.endpoint,
+            latency=latency,
+        )

@@ -548,6 +548,20 @@ def _validate_fields(display_name: str, username: str, token: Secret) -> None:
     problem = _text_violation(display_name, MAX_DISPLAY_NAME, allow_space=True)
     if problem:
         violations.append(FieldViolation("display_name", problem))
+    violations += credential_violations(username, token)
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def validate_credentials(username: str, token: Secret) -> None:
+    """The rules for a username and access token, wherever they come from."""
+    violations = credential_violations(username, token)
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def credential_violations(username: str, token: Secret) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
     problem = _text_violation(username, MAX_USERNAME, allow_space=False)
     if problem is None and ":" in username:
         problem = "must not contain ':' (registries split user:password at the first colon)"
@@ -562,8 +576,7 @@ def _validate_fields(display_name: str, username: str, token: Secret) -> None:
         violations.append(FieldViolation("access_token", "must not contain NUL characters"))
     if secret and not username:
         violations.append(FieldViolation("access_token", "needs a username to go with it"))
-    if violations:
-        raise InvalidArgument(violations)
+    return violations
 
 
 def _claim_key(location: RegistryLocation) -> str:

@@ -51,20 +51,25 @@ class Resolution:
             return DOCKER_HUB_SERVER_ADDRESS
         return self.reference.registry
 
-    def registry_auth(self) -> str:
-        """The X-Registry-Auth header value: base64url JSON, with padding; "" if anonymous."""
+    def auth_config(self) -> dict[str, str] | None:
+        """Docker's AuthConfig for this image's registry; None when anonymous."""
         if self.anonymous:
-            return ""
+            return None
         secret = self.secret.reveal()
         if self.username == IDENTITY_TOKEN_USERNAME:
-            payload = {"identitytoken": secret, "serveraddress": self.reference.registry}
-        else:
-            payload = {
-                "username": self.username,
-                "password": secret,
-                "serveraddress": self.reference.registry,
-            }
-        return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+            return {"identitytoken": secret, "serveraddress": self.reference.registry}
+        return {
+            "username": self.username,
+            "password": secret,
+            "serveraddress": self.reference.registry,
+        }
+
+    def registry_auth(self) -> str:
+        """The X-Registry-Auth header value: base64url JSON, with padding; "" if anonymous."""
+        config = self.auth_config()
+        if config is None:
+            return ""
+        return base64.urlsafe_b64encode(json.dumps(config).encode()).decode()
 
 
 class CredentialResolver:

@@ -25,12 +25,13 @@ _sym_db = _symbol_database.Default()
 from google.api import client_pb2 as google_dot_api_dot_client__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62roker/v1/image_hosts.proto\x12\tbroker.v1\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x03\n\tImageHost\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x11\n\x03url\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08registry\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1f\n\x11repository_prefix\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nplain_http\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08username\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\x0c\x61\x63\x63\x65ss_token\x18\x08 \x01(\tB\x05\xe2\x41\x02\x04\x01\x12\x1e\n\x10\x61\x63\x63\x65ss_token_set\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x64\x65\x66\x61ult\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\r \x01(\tB\x04\xe2\x41\x01\x01:M\xea\x41J\n\x18\x63redbroker.dev/ImageHost\x12\x17imageHosts/{image_host}*\nimageHosts2\timageHost\"e\n\x16\x43reateImageHostRequest\x12.\n\nimage_host\x18\x01 \x01(\x0b\x32\x14.broker.v1.ImageHostB\x04\xe2\x41\x01\x02\x12\x1b\n\rimage_host_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x13GetImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\"J\n\x15ListImageHostsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x16ListImageHostsResponse\x12)\n\x0bimage_hosts\x18\x01 \x03(\x0b\x32\x14.broker.v1.ImageHost\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x16UpdateImageHostRequest\x12.\n\nimage_host\x18\x01 \x01(\x0b\x32\x14.broker.v1.ImageHostB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01\"]\n\x16\x44\x65leteImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"w\n\x1aSetDefaultImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\x1c\n\x1aGetDefaultImageHostRequest2\xa1\x05\n\x10ImageHostService\x12g\n\x0f\x43reateImageHost\x12!.broker.v1.CreateImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x1b\xda\x41\x18image_host,image_host_id\x12M\n\x0cGetImageHost\x12\x1e.broker.v1.GetImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x07\xda\x41\x04name\x12Z\n\x0eListImageHosts\x12 .broker.v1.ListImageHostsRequest\x1a!.broker.v1.ListImageHostsResponse\"\x03\xda\x41\x00\x12\x65\n\x0fUpdateImageHost\x12!.broker.v1.UpdateImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x19\xda\x41\x16image_host,update_mask\x12U\n\x0f\x44\x65leteImageHost\x12!.broker.v1.DeleteImageHostRequest\x1a\x16.google.protobuf.Empty\"\x07\xda\x41\x04name\x12\x62\n\x13SetDefaultImageHost\x12%.broker.v1.SetDefaultImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x0e\xda\x41\x0bname,reason\x12W\n\x13GetDefaultImageHost\x12%.broker.v1.GetDefaultImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x03\xda\x41\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62roker/v1/image_hosts.proto\x12\tbroker.v1\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x03\n\tImageHost\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x11\n\x03url\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08registry\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1f\n\x11repository_prefix\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nplain_http\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08username\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\x0c\x61\x63\x63\x65ss_token\x18\x08 \x01(\tB\x05\xe2\x41\x02\x04\x01\x12\x1e\n\x10\x61\x63\x63\x65ss_token_set\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x64\x65\x66\x61ult\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\r \x01(\tB\x04\xe2\x41\x01\x01:M\xea\x41J\n\x18\x63redbroker.dev/ImageHost\x12\x17imageHosts/{image_host}*\nimageHosts2\timageHost\"e\n\x16\x43reateImageHostRequest\x12.\n\nimage_host\x18\x01 \x01(\x0b\x32\x14.broker.v1.ImageHostB\x04\xe2\x41\x01\x02\x12\x1b\n\rimage_host_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x13GetImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\"J\n\x15ListImageHostsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x16ListImageHostsResponse\x12)\n\x0bimage_hosts\x18\x01 \x03(\x0b\x32\x14.broker.v1.ImageHost\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x16UpdateImageHostRequest\x12.\n\nimage_host\x18\x01 \x01(\x0b\x32\x14.broker.v1.ImageHostB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01\"]\n\x16\x44\x65leteImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"w\n\x1aSetDefaultImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x65tag\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\x1c\n\x1aGetDefaultImageHostRequest\"\xb9\x01\n\x14TestImageHostRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x63redbroker.dev/ImageHost\x12 \n\x12\x63\x61ndidate_username\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12%\n\x16\x63\x61ndidate_access_token\x18\x03 \x01(\tB\x05\xe2\x41\x02\x04\x01\x12\'\n\x19use_candidate_credentials\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xab\x01\n\x15TestImageHostResponse\x12.\n\x06result\x18\x01 \x01(\x0e\x32\x1e.broker.v1.TestImageHostResult\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0b\x61uth_scheme\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12*\n\x07latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration*\xfe\x01\n\x13TestImageHostResult\x12&\n\"TEST_IMAGE_HOST_RESULT_UNSPECIFIED\x10\x00\x12\x1d\n\x19TEST_IMAGE_HOST_RESULT_OK\x10\x01\x12\'\n#TEST_IMAGE_HOST_RESULT_UNAUTHORIZED\x10\x02\x12&\n\"TEST_IMAGE_HOST_RESULT_UNREACHABLE\x10\x03\x12$\n TEST_IMAGE_HOST_RESULT_TLS_ERROR\x10\x04\x12)\n%TEST_IMAGE_HOST_RESULT_NOT_A_REGISTRY\x10\x05\x32\xfe\x05\n\x10ImageHostService\x12g\n\x0f\x43reateImageHost\x12!.broker.v1.CreateImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x1b\xda\x41\x18image_host,image_host_id\x12M\n\x0cGetImageHost\x12\x1e.broker.v1.GetImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x07\xda\x41\x04name\x12Z\n\x0eListImageHosts\x12 .broker.v1.ListImageHostsRequest\x1a!.broker.v1.ListImageHostsResponse\"\x03\xda\x41\x00\x12\x65\n\x0fUpdateImageHost\x12!.broker.v1.UpdateImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x19\xda\x41\x16image_host,update_mask\x12U\n\x0f\x44\x65leteImageHost\x12!.broker.v1.DeleteImageHostRequest\x1a\x16.google.protobuf.Empty\"\x07\xda\x41\x04name\x12\x62\n\x13SetDefaultImageHost\x12%.broker.v1.SetDefaultImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x0e\xda\x41\x0bname,reason\x12W\n\x13GetDefaultImageHost\x12%.broker.v1.GetDefaultImageHostRequest\x1a\x14.broker.v1.ImageHost\"\x03\xda\x41\x00\x12[\n\rTestImageHost\x12\x1f.broker.v1.TestImageHostRequest\x1a .broker.v1.TestImageHostResponse\"\x07\xda\x41\x04nameb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -89,6 +90,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETDEFAULTIMAGEHOSTREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\002'
   _globals['_SETDEFAULTIMAGEHOSTREQUEST'].fields_by_name['etag']._loaded_options = None
   _globals['_SETDEFAULTIMAGEHOSTREQUEST'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\032\n\030credbroker.dev/ImageHost'
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['candidate_username']._loaded_options = None
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['candidate_username']._serialized_options = b'\342A\001\001'
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['candidate_access_token']._loaded_options = None
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['candidate_access_token']._serialized_options = b'\342A\002\004\001'
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['use_candidate_credentials']._loaded_options = None
+  _globals['_TESTIMAGEHOSTREQUEST'].fields_by_name['use_candidate_credentials']._serialized_options = b'\342A\001\001'
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['CreateImageHost']._loaded_options = None
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['CreateImageHost']._serialized_options = b'\332A\030image_host,image_host_id'
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['GetImageHost']._loaded_options = None
@@ -103,24 +112,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['SetDefaultImageHost']._serialized_options = b'\332A\013name,reason'
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['GetDefaultImageHost']._loaded_options = None
   _globals['_IMAGEHOSTSERVICE'].methods_by_name['GetDefaultImageHost']._serialized_options = b'\332A\000'
-  _globals['_IMAGEHOST']._serialized_start=224
-  _globals['_IMAGEHOST']._serialized_end=702
-  _globals['_CREATEIMAGEHOSTREQUEST']._serialized_start=704
-  _globals['_CREATEIMAGEHOSTREQUEST']._serialized_end=805
-  _globals['_GETIMAGEHOSTREQUEST']._serialized_start=807
-  _globals['_GETIMAGEHOSTREQUEST']._serialized_end=877
-  _globals['_LISTIMAGEHOSTSREQUEST']._serialized_start=879
-  _globals['_LISTIMAGEHOSTSREQUEST']._serialized_end=953
-  _globals['_LISTIMAGEHOSTSRESPONSE']._serialized_start=955
-  _globals['_LISTIMAGEHOSTSRESPONSE']._serialized_end=1047
-  _globals['_UPDATEIMAGEHOSTREQUEST']._serialized_start=1049
-  _globals['_UPDATEIMAGEHOSTREQUEST']._serialized_end=1176
-  _globals['_DELETEIMAGEHOSTREQUEST']._serialized_start=1178
-  _globals['_DELETEIMAGEHOSTREQUEST']._serialized_end=1271
-  _globals['_SETDEFAULTIMAGEHOSTREQUEST']._serialized_start=1273
-  _globals['_SETDEFAULTIMAGEHOSTREQUEST']._serialized_end=1392
-  _globals['_GETDEFAULTIMAGEHOSTREQUEST']._serialized_start=1394
-  _globals['_GETDEFAULTIMAGEHOSTREQUEST']._serialized_end=1422
-  _globals['_IMAGEHOSTSERVICE']._serialized_start=1425
-  _globals['_IMAGEHOSTSERVICE']._serialized_end=2098
+  _globals['_IMAGEHOSTSERVICE'].methods_by_name['TestImageHost']._loaded_options = None
+  _globals['_IMAGEHOSTSERVICE'].methods_by_name['TestImageHost']._serialized_options = b'\332A\004name'
+  _globals['_TESTIMAGEHOSTRESULT']._serialized_start=1819
+  _globals['_TESTIMAGEHOSTRESULT']._serialized_end=2073
+  _globals['_IMAGEHOST']._serialized_start=256
+  _globals['_IMAGEHOST']._serialized_end=734
+  _globals['_CREATEIMAGEHOSTREQUEST']._serialized_start=736
+  _globals['_CREATEIMAGEHOSTREQUEST']._serialized_end=837
+  _globals['_GETIMAGEHOSTREQUEST']._serialized_start=839
+  _globals['_GETIMAGEHOSTREQUEST']._serialized_end=909
+  _globals['_LISTIMAGEHOSTSREQUEST']._serialized_start=911
+  _globals['_LISTIMAGEHOSTSREQUEST']._serialized_end=985
+  _globals['_LISTIMAGEHOSTSRESPONSE']._serialized_start=987
+  _globals['_LISTIMAGEHOSTSRESPONSE']._serialized_end=1079
+  _globals['_UPDATEIMAGEHOSTREQUEST']._serialized_start=1081
+  _globals['_UPDATEIMAGEHOSTREQUEST']._serialized_end=1208
+  _globals['_DELETEIMAGEHOSTREQUEST']._serialized_start=1210
+  _globals['_DELETEIMAGEHOSTREQUEST']._serialized_end=1303
+  _globals['_SETDEFAULTIMAGEHOSTREQUEST']._serialized_start=1305
+  _globals['_SETDEFAULTIMAGEHOSTREQUEST']._serialized_end=1424
+  _globals['_GETDEFAULTIMAGEHOSTREQUEST']._serialized_start=1426
+  _globals['_GETDEFAULTIMAGEHOSTREQUEST']._serialized_end=1454
+  _globals['_TESTIMAGEHOSTREQUEST']._serialized_start=1457
+  _globals['_TESTIMAGEHOSTREQUEST']._serialized_end=1642
+  _globals['_TESTIMAGEHOSTRESPONSE']._serialized_start=1645
+  _globals['_TESTIMAGEHOSTRESPONSE']._serialized_end=1816
+  _globals['_IMAGEHOSTSERVICE']._serialized_start=2076
+  _globals['_IMAGEHOSTSERVICE']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)

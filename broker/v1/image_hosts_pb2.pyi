@@ -3,16 +3,33 @@ import datetime
 from google.api import client_pb2 as _client_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TestImageHostResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEST_IMAGE_HOST_RESULT_UNSPECIFIED: _ClassVar[TestImageHostResult]
+    TEST_IMAGE_HOST_RESULT_OK: _ClassVar[TestImageHostResult]
+    TEST_IMAGE_HOST_RESULT_UNAUTHORIZED: _ClassVar[TestImageHostResult]
+    TEST_IMAGE_HOST_RESULT_UNREACHABLE: _ClassVar[TestImageHostResult]
+    TEST_IMAGE_HOST_RESULT_TLS_ERROR: _ClassVar[TestImageHostResult]
+    TEST_IMAGE_HOST_RESULT_NOT_A_REGISTRY: _ClassVar[TestImageHostResult]
+TEST_IMAGE_HOST_RESULT_UNSPECIFIED: TestImageHostResult
+TEST_IMAGE_HOST_RESULT_OK: TestImageHostResult
+TEST_IMAGE_HOST_RESULT_UNAUTHORIZED: TestImageHostResult
+TEST_IMAGE_HOST_RESULT_UNREACHABLE: TestImageHostResult
+TEST_IMAGE_HOST_RESULT_TLS_ERROR: TestImageHostResult
+TEST_IMAGE_HOST_RESULT_NOT_A_REGISTRY: TestImageHostResult
 
 class ImageHost(_message.Message):
     __slots__ = ("name", "display_name", "url", "registry", "repository_prefix", "plain_http", "username", "access_token", "access_token_set", "default", "create_time", "update_time", "etag")
@@ -103,3 +120,29 @@ class SetDefaultImageHostRequest(_message.Message):
 class GetDefaultImageHostRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TestImageHostRequest(_message.Message):
+    __slots__ = ("name", "candidate_username", "candidate_access_token", "use_candidate_credentials")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    USE_CANDIDATE_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    candidate_username: str
+    candidate_access_token: str
+    use_candidate_credentials: bool
+    def __init__(self, name: _Optional[str] = ..., candidate_username: _Optional[str] = ..., candidate_access_token: _Optional[str] = ..., use_candidate_credentials: _Optional[bool] = ...) -> None: ...
+
+class TestImageHostResponse(_message.Message):
+    __slots__ = ("result", "message", "auth_scheme", "endpoint", "latency")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    result: TestImageHostResult
+    message: str
+    auth_scheme: str
+    endpoint: str
+    latency: _duration_pb2.Duration
+    def __init__(self, result: _Optional[_Union[TestImageHostResult, str]] = ..., message: _Optional[str] = ..., auth_scheme: _Optional[str] = ..., endpoint: _Optional[str] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

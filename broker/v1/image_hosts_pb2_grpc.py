@@ -72,6 +72,11 @@ class ImageHostServiceStub:
                 request_serializer=broker_dot_v1_dot_image__hosts__pb2.GetDefaultImageHostRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_image__hosts__pb2.ImageHost.FromString,
                 _registered_method=True)
+        self.TestImageHost = channel.unary_unary(
+                '/broker.v1.ImageHostService/TestImageHost',
+                request_serializer=broker_dot_v1_dot_image__hosts__pb2.TestImageHostRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_image__hosts__pb2.TestImageHostResponse.FromString,
+                _registered_method=True)
 
 
 class ImageHostServiceServicer:
@@ -129,6 +134,15 @@ class ImageHostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestImageHost(self, request, context):
+        """Checks that the registry answers and accepts the host's credentials (or
+        candidate credentials sent in the request, used once and never stored):
+        the registry v2 handshake, `GET /v2/` with the Basic or Bearer token flow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageHostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_ImageHostServiceServicer_to_server(servicer, server):
                     servicer.GetDefaultImageHost,
                     request_deserializer=broker_dot_v1_dot_image__hosts__pb2.GetDefaultImageHostRequest.FromString,
                     response_serializer=broker_dot_v1_dot_image__hosts__pb2.ImageHost.SerializeToString,
+            ),
+            'TestImageHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestImageHost,
+                    request_deserializer=broker_dot_v1_dot_image__hosts__pb2.TestImageHostRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_image__hosts__pb2.TestImageHostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +378,33 @@ class ImageHostService:
             '/broker.v1.ImageHostService/GetDefaultImageHost',
             broker_dot_v1_dot_image__hosts__pb2.GetDefaultImageHostRequest.SerializeToString,
             broker_dot_v1_dot_image__hosts__pb2.ImageHost.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestImageHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ImageHostService/TestImageHost',
+            broker_dot_v1_dot_image__hosts__pb2.TestImageHostRequest.SerializeToString,
+            broker_dot_v1_dot_image__hosts__pb2.TestImageHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class ImageHostServiceStub:
     """Makes an image host the default for unqualified image references."""
     GetDefaultImageHost: _grpc.UnaryUnaryMultiCallable[_image_hosts_pb2.GetDefaultImageHostRequest, _image_hosts_pb2.ImageHost]
     """Gets the current default image host."""
+    TestImageHost: _grpc.UnaryUnaryMultiCallable[_image_hosts_pb2.TestImageHostRequest, _image_hosts_pb2.TestImageHostResponse]
+    """Checks that the registry answers and accepts the host's credentials (or
+    candidate credentials sent in the request, used once and never stored):
+    the registry v2 handshake, `GET /v2/` with the Basic or Bearer token flow.
+    """
 
 @_typing.type_check_only
 class ImageHostServiceAsyncStub(ImageHostServiceStub):
@@ -76,6 +81,11 @@ class ImageHostServiceAsyncStub(ImageHostServiceStub):
     """Makes an image host the default for unqualified image references."""
     GetDefaultImageHost: _aio.UnaryUnaryMultiCallable[_image_hosts_pb2.GetDefaultImageHostRequest, _image_hosts_pb2.ImageHost]  # type: ignore[assignment]
     """Gets the current default image host."""
+    TestImageHost: _aio.UnaryUnaryMultiCallable[_image_hosts_pb2.TestImageHostRequest, _image_hosts_pb2.TestImageHostResponse]  # type: ignore[assignment]
+    """Checks that the registry answers and accepts the host's credentials (or
+    candidate credentials sent in the request, used once and never stored):
+    the registry v2 handshake, `GET /v2/` with the Basic or Bearer token flow.
+    """
 
 class ImageHostServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages the container registries ("image hosts") whose credentials the
@@ -139,5 +149,16 @@ class ImageHostServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_image_hosts_pb2.ImageHost, _abc.Awaitable[_image_hosts_pb2.ImageHost]]:
         """Gets the current default image host."""
+
+    @_abc_1.abstractmethod
+    def TestImageHost(
+        self,
+        request: _image_hosts_pb2.TestImageHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_hosts_pb2.TestImageHostResponse, _abc.Awaitable[_image_hosts_pb2.TestImageHostResponse]]:
+        """Checks that the registry answers and accepts the host's credentials (or
+        candidate credentials sent in the request, used once and never stored):
+        the registry v2 handshake, `GET /v2/` with the Basic or Bearer token flow.
+        """
 
 def add_ImageHostServiceServicer_to_server(servicer: ImageHostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

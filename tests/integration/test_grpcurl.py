@@ -521,6 +521,26 @@ def test_access_tokens_never_leak(broker: BrokerProcess, grpcurl: Grpcurl) -> No
         ),
         ("DeleteImageHost", {"name": "imageHosts/alpha"}, FAILED_PRECONDITION),
         ("DeleteImageHost", {"name": "imageHosts/beta", "etag": beta["etag"]}, ABORTED),
+        (
+            "TestImageHost",
+            {
+                "name": "imageHosts/missing",
+                "candidate_username": "u",
+                "candidate_access_token": token(),
+                "use_candidate_credentials": True,
+            },
+            NOT_FOUND,
+        ),
+        (
+            "TestImageHost",
+            {
+                "name": "imageHosts/alpha",
+                "candidate_username": "a:b",
+                "candidate_access_token": token(),
+                "use_candidate_credentials": True,
+            },
+            INVALID_ARGUMENT,
+        ),
     ]
     for rpc, data, code in failing:
         grpcurl.fails(rpc, data, code, verbose=True)

@@ -1,0 +1,123 @@
+"""Pulls on a Docker Engine through docker-py (the only importer of the docker SDK).
+
+Errors of a pull arrive inside the 200 stream as `{"errorDetail":..,"error":..}`
+lines: every line is checked. Cancelling closes the client, which closes the
+connection, and the engine stops the pull.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+
+from broker.core.errors import FailedPrecondition, NotFound, Unavailable
+from broker.core.pulls import LayerProgress, Pulled
+
+_DIGEST_LINE = re.compile(r"Digest: (sha256:[0-9a-f]{64})")
+_AUTH_WORDS = (
+    "unauthorized",
+    "authentication required",
+    "denied",
+    "no basic auth credentials",
+    "incorrect username or password",
+)
+_MISSING_WORDS = ("manifest unknown", "not found", "does not exist", "name unknown")
+_NETWORK_WORDS = ("connection refused", "no such host", "i/o timeout", "connection reset", "eof")
+_MAX_WORDS = 500
+
+
+def classify(message: str) -> Exception:
+    """The broker error for an engine's or registry's words about a failed pull."""
+    words = message.strip()[:_MAX_WORDS]
+    lowered = words.lower()
+    if any(w in lowered for w in _AUTH_WORDS):
+        return FailedPrecondition(
+            f"the registry refused the credentials: {words}", reason="REGISTRY_AUTH_FAILED"
+        )
+    if any(w in lowered for w in _MISSING_WORDS):
+        return NotFound(f"no such image: {words}", reason="IMAGE_NOT_FOUND")
+    if any(w in lowered for w in _NETWORK_WORDS):
+        return Unavailable(
+            f"the registry cannot be reached: {words}", reason="REGISTRY_UNAVAILABLE"
+        )
+    return FailedPrecondition(f"the pull failed: {words}", reason="PULL_FAILED")
+
+
+class DockerEngine:
+    """broker.core.pulls.ImageEngine on the engine named by DOCKER_HOST (and TLS settings)."""
+
+    def __init__(
+        self, environment: Mapping[str, str] | None = None, timeout: float = 600.0
+    ) -> None:
+        self._environment = dict(environment) if environment is not None else None
+        self._timeout = timeout
+
+    def _client(self) -> docker.APIClient:
+        try:
+            kwargs: dict[str, Any] = docker.utils.kwargs_from_env(environment=self._environment)
+            return docker.APIClient(timeout=self._timeout, version="auto", **kwargs)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise Unavailable(
+                f"the Docker engine cannot be reached: {type(exc).__name__}",
+                reason="ENGINE_UNAVAILABLE",
+            ) from None
+
+    def pull(
+        self,
+        image: str,
+        auth_config: Mapping[str, str] | None,
+        platform: str,
+        is_active: Callable[[], bool],
+    ) -> Iterator[LayerProgress | Pulled]:
+        client = self._client()
+        try:
+            try:
+                lines = client.pull(
+                    image,
+                    stream=True,
+                    decode=True,
+                    auth_config=dict(auth_config) if auth_config else None,
+                    platform=platform or None,
+                )
+                digest = ""
+                for line in lines:
+                    if not is_active():
+                        return  # the caller went away: closing the client stops the pull
+                    if "error" in line or "errorDetail" in line:
+                        detail = line.get("errorDetail") or {}
+                        raise classify(str(detail.get("message") or line.get("error") or ""))
+                    status = str(line.get("status") or "")
+                    found = _DIGEST_LINE.search(status)
+                    if found:
+                        digest = found.group(1)
+                    progress = line.get("progressDetail") or {}
+                    yield LayerProgress(
+                        layer=str(line.get("id") or ""),
+                        status=status,
+                        current_bytes=int(progress.get("current") or 0),
+                        total_bytes=int(progress.get("total") or 0),
+                    )
+                yield Pulled(digest=digest or self._digest_of(client, image))
+            except docker.errors.APIError as exc:
+                raise classify(str(exc.explanation or exc)) from None
+            except requests.RequestException as exc:
+                raise Unavailable(
+                    f"the Docker engine cannot be reached: {type(exc).__name__}",
+                    reason="ENGINE_UNAVAILABLE",
+                ) from None
+        finally:
+            client.close()
+
+    @staticmethod
+    def _digest_of(client: docker.APIClient, image: str) -> str:
+        name = image.split("@", 1)[0]
+        for digest in client.inspect_image(image).get("RepoDigests") or []:
+            repo, _, value = str(digest).partition("@")
+            if name.startswith(repo) or repo.endswith(name.split("/", 1)[-1].split(":", 1)[0]):
+                return value
+        return ""
