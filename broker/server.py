@@ -25,7 +25,7 @@ from broker.api.pulls import PullServicer
 from broker.config import ServerConfig
 from broker.core.connection_test import ConnectionTester
 from broker.core.errors import BrokerError
-from broker.core.image_hosts import ImageHostCatalog
+from broker.core.image_hosts import DEFAULT_KEY, ImageHostCatalog
 from broker.core.pulls import Puller
 from broker.core.resolution import CredentialResolver
 from broker.engines.docker_engine import DockerEngine
@@ -132,6 +132,8 @@ class StoreHealthWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            if self._state not in ("", "ok"):
+                self._store.probe(DEFAULT_KEY)  # reads alone never come while unready
             self.check()
 
 

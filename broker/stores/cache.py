@@ -43,6 +43,7 @@ from broker.stores.base import (
     Operation,
     Put,
     SecretStore,
+    StoreError,
     StoreUnavailable,
     VersionConflict,
 )
@@ -298,6 +299,24 @@ class CachedStore:
     def invalidate(self, keys: Iterable[str]) -> None:
         """Forget `keys` and the cached lists that could contain them."""
         self._invalidate(list(keys), keep_fallback=False)
+
+    def probe(self, key: str) -> None:
+        """During an outage, read `key` from the backend once to notice that it is back.
+
+        The health watch calls it: once nothing cached is recent enough, callers
+        are turned away (health "" NOT_SERVING), and no read would find out.
+        """
+        with self._lock:
+            if self._closed or self._outage_since is None:
+                return
+        try:
+            self._backend.get(key)
+        except StoreUnavailable as exc:
+            self._note_unavailable(exc)
+        except StoreError:
+            pass  # it answers but refuses: the calls themselves say why
+        else:
+            self._note_ok()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no background refresh is queued or running; False on timeout."""

@@ -182,7 +182,7 @@ class VaultStore:
                 return None  # soft-deleted
             return Entry(key=key, data=body["data"], version=int(body["metadata"]["version"]))
 
-        return self._call("read", path, read)
+        return self._call("read", f"data/{path}", read)
 
     def list(self, prefix: str) -> list[Entry]:
         # KV lists folders: list the folder holding the prefix, then filter.
@@ -288,7 +288,8 @@ class VaultStore:
                 raise
             return int(response["data"]["version"])
 
-        return self._call("write", path, write)
+        # Vault wants "create" on a key without metadata, "update" on one with it.
+        return self._call("create" if current == 0 else "update", f"data/{path}", write)
 
     def _delete(self, key: str, expected: int) -> None:
         _, live = self._live_version(key)
@@ -299,7 +300,7 @@ class VaultStore:
         path = self._path(key)
         self._call(
             "delete",
-            path,
+            f"delete/{path}",
             lambda: self._client.secrets.kv.v2.delete_secret_versions(
                 path=path, versions=[expected], mount_point=self._settings.mount
             ),
@@ -339,7 +340,12 @@ class VaultStore:
 
     def _login(self) -> None:
         with self._login_lock:
-            self._call_raw("log in to", "auth", lambda: self._settings.auth.login(self._client))
+            self._call_raw(
+                "log in to",
+                "auth",
+                lambda: self._settings.auth.login(self._client),
+                where=f"the {self._settings.auth.description} auth method",
+            )
             self._schedule_renewal()
 
     def _schedule_renewal(self) -> None:
@@ -389,8 +395,8 @@ class VaultStore:
         except _TokenRejected:
             if not self._settings.auth.can_log_in_again():
                 raise StoreUnavailable(
-                    f"Vault rejected the broker's {self._settings.auth.description} token "
-                    "(expired or revoked)"
+                    f"Vault rejected the broker's token ({self._settings.auth.description} "
+                    "login; expired or revoked)"
                 ) from None
             _log.info(
                 "Vault rejected the token; logging in again (%s)", self._settings.auth.description
@@ -400,12 +406,14 @@ class VaultStore:
                 return self._call_raw(action, path, fn)
             except _TokenRejected:
                 raise StoreUnavailable(
-                    f"Vault rejected the broker's {self._settings.auth.description} token "
-                    "even after logging in again"
+                    f"Vault rejected the broker's token ({self._settings.auth.description} "
+                    "login) even after logging in again"
                 ) from None
 
-    def _call_raw(self, action: str, path: str, fn: Callable[[], _T]) -> _T:
-        where = f"{self._settings.mount}/{path}"
+    def _call_raw(
+        self, action: str, path: str, fn: Callable[[], _T], *, where: str | None = None
+    ) -> _T:
+        where = where or f"{self._settings.mount}/{path}"
         try:
             return fn()
         except hvac.exceptions.Forbidden as exc:
@@ -436,9 +444,10 @@ class _TokenRejected(Exception):
 
 
 _CAPABILITY = {
-    "read": "read",
+    "read": "read on data/",
     "read metadata of": "read on metadata/",
-    "write": "create or update",
+    "create": "create on data/",
+    "update": "update on data/",
     "delete": "update on delete/",
     "list": "list on metadata/",
     "log in to": "login",
