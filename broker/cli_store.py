@@ -9,6 +9,7 @@ import sys
 from broker.config import ServerConfig, add_storage_arguments, vault_options_from
 from broker.stores.base import SecretStore, StoreError
 from broker.stores.factory import open_backend
+from broker.stores.file import DATA_FILE
 from broker.stores.migrate import migrate
 
 
@@ -32,7 +33,13 @@ def add_store_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_storage_arguments(move, choose_store=False)
 
 
-def _open(kind: str, args: argparse.Namespace) -> SecretStore:
+def _open(kind: str, args: argparse.Namespace, *, source: bool = False) -> SecretStore:
+    if source and kind == "file" and not (args.data_dir / DATA_FILE).exists():
+        # Opening a FileStore creates one: never do that to a source that is only read.
+        raise StoreError(
+            f"there is no embedded store in {args.data_dir} ({DATA_FILE} is missing); "
+            "give the broker's data directory with --data-dir or CREDBROKER_DATA_DIR"
+        )
     config = ServerConfig(
         address="",
         port=0,
@@ -51,7 +58,7 @@ def run_store(args: argparse.Namespace) -> int:
         print("error: --from and --to name the same store", file=sys.stderr)
         return 2
     try:
-        source = _open(args.source, args)
+        source = _open(args.source, args, source=True)
         try:
             target = _open(args.target, args)
             try:

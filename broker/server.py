@@ -312,6 +312,16 @@ def serve(config: ServerConfig) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        _log.info("%s received: finishing in-flight calls", signal.Signals(signum).name)
+        stop.set()
+
+    # Before the server listens: a SIGTERM right after "listening on" must still stop
+    # it gracefully (a signal during startup is handled once startup is done).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         credentials = transport_credentials(config)
         store = open_cached_store(config)
@@ -342,14 +352,6 @@ def serve(config: ServerConfig) -> int:
             running.port,
         )
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        _log.info("%s received: finishing in-flight calls", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     running.stop(config.grace_seconds)
     store.close()

@@ -67,6 +67,10 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # Retries of a write without an etag that lost a race with another writer.
 _UNCONDITIONAL_RETRIES = 5
+# A claim whose host does not exist is taken over only once it is this old: on a
+# store without atomic batches (Vault) it is also what a create in progress looks
+# like between its claim write and its host write.
+CLAIM_TAKEOVER_AFTER = dt.timedelta(seconds=60)
 
 SEED_ID = "docker-hub"
 SEED_DISPLAY_NAME = "Docker Hub"
@@ -297,11 +301,17 @@ class ImageHostCatalog:
                 display_name, url, username, token, current.create_time, self._clock()
             )
             ops: list[Operation] = []
+            released: list[Operation] = []
             if location.claim != current.location.claim:
-                ops += self._claim_ops(
+                claim_ops = self._claim_ops(
                     location, image_host_id, release=current.location, actor=actor
                 )
+                ops += [op for op in claim_ops if not isinstance(op, Delete)]
+                released = [op for op in claim_ops if isinstance(op, Delete)]
             ops.append(Put(key, data, current.version))
+            # The old registry is freed only once the host has moved: with a store that
+            # applies a batch in order, a lost race then never frees a registry in use.
+            ops += released
             versions = self._commit(ops)
             return _host_from_data(image_host_id, data, versions[key], current.is_default)
 
@@ -321,12 +331,15 @@ class ImageHostCatalog:
                     reason="DEFAULT_IMAGE_HOST_UNDELETABLE",
                     metadata={"image_host": current.name},
                 )
-            ops: list[Operation] = [Delete(HOSTS_PREFIX + image_host_id, current.version)]
+            ops: list[Operation] = [
+                Delete(HOSTS_PREFIX + image_host_id, current.version),
+                # The default must not move onto this host while it is deleted; checked
+                # before the claim is freed, so that a lost race frees nothing.
+                Check(DEFAULT_KEY, default.version if default else 0),
+            ]
             claim = _read(self._store.get, _claim_key(current.location))
             if claim is not None and claim.data.get("image_host_id") == image_host_id:
                 ops.append(Delete(claim.key, claim.version))
-            # The default must not move onto this host while it is deleted.
-            ops.append(Check(DEFAULT_KEY, default.version if default else 0))
             self._commit(ops)
             return current
 
@@ -348,13 +361,15 @@ class ImageHostCatalog:
             previous = str(default.data.get("image_host_id", "")) if default else ""
             self._commit(
                 [
-                    # The host must still exist, unchanged, when it becomes the default.
-                    Check(HOSTS_PREFIX + image_host_id, host.version),
                     Put(
                         DEFAULT_KEY,
                         _default_data(image_host_id, reason, actor, self._clock()),
                         default.version if default else 0,
                     ),
+                    # The host must still exist, unchanged, once it is the default. Checked
+                    # after the write: a delete racing it (host write, then default check)
+                    # is seen by one side or the other, and that side is undone.
+                    Check(HOSTS_PREFIX + image_host_id, host.version),
                 ]
             )
             return replace(host, is_default=True), previous
@@ -407,6 +422,12 @@ class ImageHostCatalog:
             host = self.get(image_host_id, actor)
         return host
 
+    def _fresh_get(self, key: str) -> Entry | None:
+        """`key` as the store holds it now, not a cached copy."""
+        if isinstance(self._store, Invalidating):
+            self._store.invalidate([key])
+        return _read(self._store.get, key)
+
     def _default_id(self) -> str | None:
         entry = _read(self._store.get, DEFAULT_KEY)
         return None if entry is None else str(entry.data.get("image_host_id") or "") or None
@@ -421,11 +442,27 @@ class ImageHostCatalog:
         ops: list[Operation] = []
         claim = _read(self._store.get, _claim_key(location))
         owner = None if claim is None else str(claim.data.get("image_host_id", ""))
+        now = self._clock()
+        # The owner's host is read from the store itself: a cached "absent" may be stale.
+        owner_exists = (
+            claim is not None
+            and owner != image_host_id
+            and self._fresh_get(HOSTS_PREFIX + str(owner)) is not None
+        )
         if (
             claim is not None
             and owner != image_host_id
-            and _read(self._store.get, HOSTS_PREFIX + str(owner)) is not None
+            and not owner_exists
+            and not _claim_abandoned(claim, now)
         ):
+            # A create in progress elsewhere (its host is not written yet).
+            raise Aborted(
+                f"registry {location.claim} is being claimed by another image host "
+                "right now; read again and retry",
+                reason="CONCURRENT_MODIFICATION",
+                metadata={"key": claim.key},
+            )
+        if owner_exists:
             if not actor.may_use_host(str(owner)):
                 # Do not name a host outside the caller's scope.
                 raise AlreadyExists(
@@ -445,7 +482,7 @@ class ImageHostCatalog:
         ops.append(
             Put(
                 _claim_key(location),
-                {"image_host_id": image_host_id},
+                {"image_host_id": image_host_id, "claimed_at": now.isoformat()},
                 claim.version if claim else 0,
             )
         )
@@ -577,6 +614,15 @@ def credential_violations(username: str, token: Secret) -> list[FieldViolation]:
     if secret and not username:
         violations.append(FieldViolation("access_token", "needs a username to go with it"))
     return violations
+
+
+def _claim_abandoned(claim: Entry, now: dt.datetime) -> bool:
+    """Whether a claim whose host is missing was left behind (not a create in progress)."""
+    try:
+        claimed_at = dt.datetime.fromisoformat(str(claim.data["claimed_at"]))
+    except (KeyError, ValueError):
+        return True  # written before claims carried their time
+    return now - claimed_at > CLAIM_TAKEOVER_AFTER
 
 
 def _claim_key(location: RegistryLocation) -> str:

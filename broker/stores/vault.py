@@ -220,6 +220,10 @@ class VaultStore:
             original = originals[key]
             try:
                 _, live = self._live_version(key)
+                if live != written[key]:
+                    # Another writer changed the key after this batch did: its write stands.
+                    _log.warning("not undoing %r: it changed again after this batch", key)
+                    continue
                 if original is None:
                     self._delete(key, live)
                 else:
