@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from broker.cli_hosts import add_hosts_parser, run_hosts
+from broker.cli_images import add_images_commands, run_images
 from broker.cli_principals import add_principals_commands, run_principals
 from broker.cli_store import add_store_commands, run_store
 from broker.config import add_server_arguments, server_config_from
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_server_arguments(serve)
     add_hosts_parser(commands)
+    add_images_commands(commands)
     add_principals_commands(commands)
     add_store_commands(commands)
     return parser
@@ -33,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(server_config_from(args))
     if args.command == "hosts":
         return run_hosts(args)
+    if args.command in ("resolve", "pull"):
+        return run_images(args)
     if args.command == "principals":
         return run_principals(args)
     if args.command == "store":

@@ -44,6 +44,8 @@ STDIN_PATH = "-"
 MAX_TOKEN_BYTES = 64 * 1024
 #: `hosts list` follows next_page_token at most this many times.
 MAX_PAGES = 10_000
+#: `hosts test` waits for a registry (up to three requests of 10 s each on the broker).
+TEST_TIMEOUT_SECONDS = 60.0
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -214,6 +216,23 @@ class _RefuseTokenOnCommandLine(argparse.Action):
         )
 
 
+class _RefuseCandidateTokenOnCommandLine(argparse.Action):
+    """`--candidate-token VALUE` fails without echoing VALUE anywhere."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "a candidate token is never taken on the command line (shell history and the "
+            "process list would keep it); use --candidate-token-file PATH or "
+            "--candidate-token-stdin"
+        )
+
+
 def _add_token_arguments(parser: argparse.ArgumentParser, *, allow_clear: bool) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -240,13 +259,21 @@ def _add_token_arguments(parser: argparse.ArgumentParser, *, allow_clear: bool) 
 
 def add_hosts_parser(commands: Any) -> None:
     """Add `hosts` and its subcommands to the `credbroker` subparsers action."""
-    common = argparse.ArgumentParser(add_help=False)
-    add_connection_arguments(common)
-    common.add_argument(
-        "--json",
-        action="store_true",
-        help="print the response as JSON (proto field names) for scripts",
-    )
+
+    def common_options(timeout: float = DEFAULT_TIMEOUT_SECONDS) -> argparse.ArgumentParser:
+        # One parent per deadline: set_defaults() on a shared parent would change
+        # the default of every command that uses it.
+        common = argparse.ArgumentParser(add_help=False)
+        add_connection_arguments(common)
+        common.set_defaults(timeout=timeout)
+        common.add_argument(
+            "--json",
+            action="store_true",
+            help="print the response as JSON (proto field names) for scripts",
+        )
+        return common
+
+    common = common_options()
 
     hosts = commands.add_parser(
         "hosts",
@@ -256,12 +283,17 @@ def add_hosts_parser(commands: Any) -> None:
     )
     sub = hosts.add_subparsers(dest="hosts_command", required=True, metavar="COMMAND")
 
-    def leaf(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+    def leaf(
+        name: str,
+        help_text: str,
+        description: str = "",
+        parent: argparse.ArgumentParser = common,
+    ) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = sub.add_parser(
             name,
             help=help_text,
             description=description or help_text,
-            parents=[common],
+            parents=[parent],
             allow_abbrev=False,
         )
         parser.set_defaults(hosts_parser=parser)
@@ -316,6 +348,45 @@ def add_hosts_parser(commands: Any) -> None:
         "--etag", default="", help="change only if the host still has this etag"
     )
 
+    test = leaf(
+        "test",
+        "check that the registry answers and accepts the credentials",
+        "Run the registry v2 handshake (GET /v2/, then the Basic or Bearer token flow) "
+        "against the host's registry with its stored credentials, or with candidate "
+        "credentials that are used once and never stored. Prints the result, the "
+        "registry's words, the authentication scheme, the endpoint and the latency; "
+        "exits 1 unless the result is OK.",
+        parent=common_options(TEST_TIMEOUT_SECONDS),
+    )
+    test.add_argument("id", metavar="ID")
+    test.add_argument(
+        "--candidate-username",
+        metavar="NAME",
+        help="try this account instead of the stored one (with a candidate token)",
+    )
+    candidate = test.add_mutually_exclusive_group()
+    candidate.add_argument(
+        "--candidate-token-file",
+        metavar="PATH",
+        help="read the candidate password or token from PATH ('-' for standard input)",
+    )
+    candidate.add_argument(
+        "--candidate-token-stdin",
+        action="store_true",
+        help="read the candidate password or token from standard input",
+    )
+    candidate.add_argument(
+        "--candidate-anonymous",
+        action="store_true",
+        help="try without any credentials instead of the stored ones",
+    )
+    test.add_argument(
+        "--candidate-token",
+        nargs="?",
+        action=_RefuseCandidateTokenOnCommandLine,
+        help=argparse.SUPPRESS,
+    )
+
 
 # -- running -------------------------------------------------------------------
 
@@ -333,8 +404,8 @@ def run_hosts(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         command = _COMMANDS[args.hosts_command]
         with open_channel(connection) as channel:
             stub = image_hosts_pb2_grpc.ImageHostServiceStub(channel)
-            command(_Call(stub, connection, args, out))
-        return EXIT_OK
+            status = command(_Call(stub, connection, args, out))
+        return EXIT_OK if status is None else status
     except grpc.RpcError as exc:
         for line in describe_rpc_error(exc, connection):
             print(line, file=sys.stderr)
@@ -432,13 +503,33 @@ def _cmd_set_default(call: _Call) -> None:
     _emit_host(call, host, f"{host.name} is now the default image host")
 
 
-_COMMANDS: dict[str, Callable[[_Call], None]] = {
+def _cmd_test(call: _Call) -> int:
+    args = call.args
+    request = image_hosts_pb2.TestImageHostRequest(name=resource_name(args.id))
+    token = _candidate_token_from(args)
+    if args.candidate_anonymous or args.candidate_username is not None or token is not None:
+        request.use_candidate_credentials = True
+        request.candidate_username = args.candidate_username or ""
+        if token is not None:
+            request.candidate_access_token = token
+    answer = call.stub.TestImageHost(request, timeout=call.connection.timeout)
+    if call.args.json:
+        call.emit_json(answer)
+    else:
+        call.emit(format_test_result(answer))
+    ok = answer.result == image_hosts_pb2.TEST_IMAGE_HOST_RESULT_OK
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# A command returns None (success) or its exit code.
+_COMMANDS: dict[str, Callable[[_Call], int | None]] = {
     "list": _cmd_list,
     "show": _cmd_show,
     "add": _cmd_add,
     "update": _cmd_update,
     "remove": _cmd_remove,
     "set-default": _cmd_set_default,
+    "test": _cmd_test,
 }
 
 
@@ -485,6 +576,12 @@ def list_all_hosts(
 
 def check_usage(args: argparse.Namespace) -> None:
     """Command lines argparse alone cannot reject; checked before anything is read or sent."""
+    if (
+        args.hosts_command == "test"
+        and args.candidate_anonymous
+        and args.candidate_username is not None
+    ):
+        raise UsageError("--candidate-anonymous takes no --candidate-username")
     if args.hosts_command == "update":
         given = [f for f in UPDATE_OPTIONS if getattr(args, f) not in (None, False)]
         if not given:
@@ -526,6 +623,14 @@ def _token_from(args: argparse.Namespace) -> str | None:
         return read_access_token_stdin()
     if args.access_token_file is not None:
         return read_access_token_file(args.access_token_file)
+    return None
+
+
+def _candidate_token_from(args: argparse.Namespace) -> str | None:
+    if args.candidate_token_stdin or args.candidate_token_file == STDIN_PATH:
+        return read_access_token_stdin()
+    if args.candidate_token_file is not None:
+        return read_access_token_file(args.candidate_token_file)
     return None
 
 
@@ -652,6 +757,23 @@ def format_host(host: image_hosts_pb2.ImageHost) -> str:
         ("create_time", stamp("create_time")),
         ("update_time", stamp("update_time")),
         ("etag", host.etag),
+    ]
+    width = max(len(key) for key, _ in items) + 1
+    return "\n".join(f"{(key + ':').ljust(width)} {_printable(value)}" for key, value in items)
+
+
+TEST_RESULT_PREFIX = "TEST_IMAGE_HOST_RESULT_"
+
+
+def format_test_result(answer: image_hosts_pb2.TestImageHostResponse) -> str:
+    result = image_hosts_pb2.TestImageHostResult.Name(answer.result)
+    latency = answer.latency.ToTimedelta().total_seconds()
+    items = [
+        ("result", result.removeprefix(TEST_RESULT_PREFIX)),
+        ("message", answer.message or "-"),
+        ("auth_scheme", answer.auth_scheme or "-"),
+        ("endpoint", answer.endpoint or "-"),
+        ("latency", f"{latency * 1000:.0f} ms"),
     ]
     width = max(len(key) for key, _ in items) + 1
     return "\n".join(f"{(key + ':').ljust(width)} {_printable(value)}" for key, value in items)

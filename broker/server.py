@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -116,7 +117,7 @@ class StoreHealthWatch:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout=self._interval + 10)
 
     def check(self) -> None:
         state = self._store.health().state
@@ -312,6 +313,8 @@ def serve(config: ServerConfig) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # `kill -USR2 <pid>` prints every thread's stack to stderr: for a broker that hangs.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -358,4 +361,10 @@ def serve(config: ServerConfig) -> int:
     if audit_stream is not sys.stderr:
         audit_stream.close()
     _log.info("stopped")
-    return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The grace period is over and the store is closed. A handler thread still stuck
+    # in a call to a dependency must not keep the process alive (Python would wait
+    # for every worker thread at exit).
+    os._exit(0)

@@ -173,13 +173,21 @@ def test_disclosure_is_audited_without_the_secret(
 ) -> None:
     create(hosts, "acme", "ghcr.io/acme", "bot", ACME_TOKEN)
     resolve(resolver, "ghcr.io/acme/app:7")
-    records = [
-        json.loads(line)
-        for line in broker.text().splitlines()
-        if line.startswith("{") and '"ResolveCredentials"' in line
-    ]
-    assert len(records) == 1
-    record = records[0]
+
+    def records() -> list[dict[str, str]]:
+        return [
+            json.loads(line)
+            for line in broker.text().splitlines()
+            if line.startswith("{") and '"ResolveCredentials"' in line
+        ]
+
+    # The audit line is written before the answer, but read from the broker's
+    # stderr by another thread: wait for it, bounded.
+    deadline = time.monotonic() + 10
+    while not records() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(records()) == 1
+    record = records()[0]
     assert record["principal"] == "admin"
     assert record["image"] == "ghcr.io/acme/app:7"
     assert record["resolved_image"] == "ghcr.io/acme/app:7"

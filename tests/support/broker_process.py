@@ -116,6 +116,10 @@ class BrokerProcess:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Shown with a failing test: why the broker did not stop by itself.
+                process.send_signal(signal.SIGUSR2)  # the broker dumps its threads
+                time.sleep(1)
+                print(f"broker did not stop in {timeout}s; its output:\n{self.text()[-6000:]}")
                 process.kill()
                 process.wait(10)
         self._release()
