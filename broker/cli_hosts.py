@@ -398,13 +398,25 @@ def run_hosts(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     except UsageError as exc:
         parser: argparse.ArgumentParser = args.hosts_parser
         parser.error(_printable(str(exc)))  # exits with 2
+    command = _COMMANDS[args.hosts_command]
+
+    def act(channel: grpc.Channel, connection: Connection) -> int | None:
+        stub = image_hosts_pb2_grpc.ImageHostServiceStub(channel)
+        return command(_Call(stub, connection, args, out))
+
+    return run_with_channel(args, act)
+
+
+def run_with_channel(
+    args: argparse.Namespace, action: Callable[[grpc.Channel, Connection], int | None]
+) -> int:
+    """Open the channel the options describe, run `action`, and turn every failure
+    into a clear message on stderr and an exit code (never a traceback)."""
     connection = Connection(server=args.server, timeout=args.timeout)
     try:
         connection = connection_from(args)
-        command = _COMMANDS[args.hosts_command]
         with open_channel(connection) as channel:
-            stub = image_hosts_pb2_grpc.ImageHostServiceStub(channel)
-            status = command(_Call(stub, connection, args, out))
+            status = action(channel, connection)
         return EXIT_OK if status is None else status
     except grpc.RpcError as exc:
         for line in describe_rpc_error(exc, connection):

@@ -26,18 +26,13 @@ from typing import Any, TextIO
 import grpc
 
 from broker.cli_hosts import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     CliError,
     Connection,
     _printable,
-    _silence_stdout,
     add_connection_arguments,
-    connection_from,
-    describe_rpc_error,
     message_to_dict,
-    open_channel,
+    run_with_channel,
 )
 from broker.v1 import credentials_pb2, credentials_pb2_grpc, pulls_pb2, pulls_pb2_grpc
 
@@ -102,25 +97,13 @@ def add_images_commands(commands: Any) -> None:
 
 def run_images(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     out = stdout or sys.stdout
-    connection = Connection(server=args.server, timeout=args.timeout)
-    try:
-        connection = connection_from(args)
-        with open_channel(connection) as channel:
-            if args.images_command == "resolve":
-                return _resolve(channel, connection, args, out)
-            return _pull(channel, connection, args, out)
-    except grpc.RpcError as exc:
-        for line in describe_rpc_error(exc, connection):
-            print(line, file=sys.stderr)
-        return EXIT_FAILED
-    except CliError as exc:
-        print(f"error: {_printable(str(exc))}", file=sys.stderr)
-        return EXIT_FAILED
-    except BrokenPipeError:
-        _silence_stdout()
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+
+    def act(channel: grpc.Channel, connection: Connection) -> int:
+        if args.images_command == "resolve":
+            return _resolve(channel, connection, args, out)
+        return _pull(channel, connection, args, out)
+
+    return run_with_channel(args, act)
 
 
 # -- resolve -------------------------------------------------------------------
