@@ -53,6 +53,21 @@ def reject_tls_handshake(connection: socket.socket) -> bool:
     return False
 
 
+class PlainHandler(BaseHTTPRequestHandler):
+    """Base of the fakes' handlers: HTTP/1.1, bounded reads, no TLS, no access log."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 10
+
+    def handle(self) -> None:
+        if reject_tls_handshake(self.connection):
+            return
+        super().handle()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -244,18 +259,7 @@ def _handler(
     respond: Callable[[str, str], tuple[int, dict[str, str], bytes]],
     record: Callable[[RecordedRequest], None],
 ) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 10
-
-        def handle(self) -> None:
-            if reject_tls_handshake(self.connection):
-                return
-            super().handle()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
+    class Handler(PlainHandler):
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length:

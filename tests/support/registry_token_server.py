@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tests.support.certificates import CertificateAuthority
-from tests.support.registry_http_fakes import HttpServerThread, reject_tls_handshake
+from tests.support.registry_http_fakes import HttpServerThread, PlainHandler
 
 DEFAULT_SERVICE = "credbroker-test-registry"
 DEFAULT_ISSUER = "credbroker-test-token-issuer"
@@ -237,18 +237,7 @@ class TokenServer:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = 10
-
-            def handle(self) -> None:
-                if reject_tls_handshake(self.connection):
-                    return
-                super().handle()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
+        class Handler(PlainHandler):
             def do_GET(self) -> None:
                 parsed = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(parsed.query)
