@@ -8,7 +8,10 @@ broker records the disclosure in its audit trail either way.
 `pull` pulls the image on the broker's Docker engine (PullImage) and follows its
 progress: on a terminal one redrawn line per layer with a progress bar, otherwise
 one plain line whenever a layer's status changes; then the digest and the
-digest-pinned reference. `--json` prints every message as one JSON line.
+digest-pinned reference. `--swarm` pulls on every Swarm node instead (the broker
+does so by itself when its engine is a Swarm manager) and prints one line per
+node as it finishes; the command exits 1 when a node failed. `--json` prints
+every message as one JSON line.
 
 Connection options, error output and exit codes are those of `credbroker hosts`:
 a failed call prints `error: <CODE>: <message>` and the reason, and exits 1.
@@ -26,6 +29,7 @@ from typing import Any, TextIO
 import grpc
 
 from broker.cli_hosts import (
+    EXIT_FAILED,
     EXIT_OK,
     CliError,
     Connection,
@@ -78,14 +82,46 @@ def add_images_commands(commands: Any) -> None:
 
     pull = commands.add_parser(
         "pull",
-        help="pull an image on the broker's Docker engine",
-        description="Pull an image on the broker's Docker engine with the credentials of "
-        "its image host (PullImage), following the progress; then print the digest and "
-        "the digest-pinned reference.",
+        help="pull an image on the broker's Docker engine or every Swarm node",
+        description="Pull an image with the credentials of its image host (PullImage), "
+        "following the progress; then print the digest and the digest-pinned reference. "
+        "On a Swarm manager the image goes to every ready, active node (or those matching "
+        "--constraint), one line per node.",
         parents=[_connection_parser(DEFAULT_PULL_TIMEOUT_SECONDS)],
         allow_abbrev=False,
     )
     pull.add_argument("image", metavar="IMAGE", help="image reference, as `docker pull` takes it")
+    backend = pull.add_mutually_exclusive_group()
+    backend.add_argument(
+        "--swarm",
+        dest="backend",
+        action="store_const",
+        const=pulls_pb2.PULL_BACKEND_SWARM,
+        default=pulls_pb2.PULL_BACKEND_UNSPECIFIED,
+        help="pull on every Swarm node that can run the image (default on a Swarm manager)",
+    )
+    backend.add_argument(
+        "--docker",
+        dest="backend",
+        action="store_const",
+        const=pulls_pb2.PULL_BACKEND_DOCKER,
+        help="pull on the broker's Docker engine only, even on a Swarm manager",
+    )
+    pull.add_argument(
+        "--constraint",
+        dest="constraints",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="Swarm: only nodes matching this placement constraint, e.g. node.role==worker "
+        "(repeatable: all must match)",
+    )
+    pull.add_argument(
+        "--show-registry-auth",
+        action="store_true",
+        help="also print the X-Registry-Auth value for your own service create "
+        "(it holds the credentials; the broker audits the disclosure)",
+    )
     pull.add_argument("--platform", default="", help="platform to pull, e.g. linux/amd64")
     pull.add_argument(
         "--json",
@@ -157,7 +193,13 @@ def _pull(
 ) -> int:
     stub = pulls_pb2_grpc.PullServiceStub(channel)
     call = stub.PullImage(
-        pulls_pb2.PullImageRequest(image=args.image, platform=args.platform),
+        pulls_pb2.PullImageRequest(
+            image=args.image,
+            platform=args.platform,
+            backend=args.backend,
+            placement_constraints=args.constraints,
+            include_registry_auth=args.show_registry_auth,
+        ),
         timeout=connection.timeout,
     )
     display: ProgressDisplay
@@ -167,21 +209,24 @@ def _pull(
         display = TerminalProgress(out)
     else:
         display = PlainProgress(out)
-    finished = False
+    result: pulls_pb2.PullResult | None = None
     try:
         for message in call:
             if message.HasField("result"):
-                display.result(message.result)
-                finished = True
+                result = message.result
+                display.result(result)
+            elif message.HasField("node"):
+                display.node(message.node)
             else:
                 display.progress(message.progress)
     except KeyboardInterrupt:
         call.cancel()  # type: ignore[no-untyped-call]  # the broker stops the pull
         display.interrupted()
         raise
-    if not finished:
+    if result is None:
         raise CliError("the broker ended the pull without a result")
-    return EXIT_OK
+    failed = any(n.state == pulls_pb2.NODE_PULL_STATE_FAILED for n in result.nodes)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 class ProgressDisplay:
@@ -191,8 +236,18 @@ class ProgressDisplay:
     def result(self, result: pulls_pb2.PullResult) -> None:
         raise NotImplementedError
 
+    def node(self, event: pulls_pb2.NodePull) -> None:
+        """One Swarm node's outcome: a line of its own, whatever the display."""
+        raise NotImplementedError
+
     def interrupted(self) -> None:
         """The pull was interrupted (Ctrl-C): leave the output tidy."""
+
+
+def describe_node(event: pulls_pb2.NodePull) -> str:
+    state = pulls_pb2.NodePullState.Name(event.state).removeprefix("NODE_PULL_STATE_")
+    text = f"node {_printable(event.node_id)} ({_printable(event.hostname)}): {state}"
+    return f"{text}: {_printable(event.reason)}" if event.reason else text
 
 
 def _summary(result: pulls_pb2.PullResult) -> str:
@@ -202,6 +257,18 @@ def _summary(result: pulls_pb2.PullResult) -> str:
         ("pinned_image", result.pinned_image),
         ("image_host", result.image_host or "- (anonymous)"),
     ]
+    if result.backend == pulls_pb2.PULL_BACKEND_SWARM:
+        counts = {
+            state: sum(1 for n in result.nodes if n.state == value)
+            for state, value in (
+                ("pulled", pulls_pb2.NODE_PULL_STATE_PULLED),
+                ("already present", pulls_pb2.NODE_PULL_STATE_ALREADY_PRESENT),
+                ("failed", pulls_pb2.NODE_PULL_STATE_FAILED),
+            )
+        }
+        items.append(("nodes", ", ".join(f"{n} {state}" for state, n in counts.items())))
+    if result.registry_auth:
+        items.append(("registry_auth", result.registry_auth))
     width = max(len(key) for key, _ in items) + 1
     return "\n".join(f"{(key + ':').ljust(width)} {_printable(value)}" for key, value in items)
 
@@ -231,6 +298,9 @@ class PlainProgress(ProgressDisplay):
 
     def result(self, result: pulls_pb2.PullResult) -> None:
         _write(self.out, _summary(result))
+
+    def node(self, event: pulls_pb2.NodePull) -> None:
+        _write(self.out, describe_node(event))
 
 
 def progress_bar(current: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -285,6 +355,10 @@ class TerminalProgress(ProgressDisplay):
         self._rows.clear()
         self._emit(_summary(result) + "\n")
 
+    def node(self, event: pulls_pb2.NodePull) -> None:
+        self._rows.clear()
+        self._emit(describe_node(event) + "\n")
+
     def interrupted(self) -> None:
         self._emit("\ninterrupted: the pull is cancelled\n")
 
@@ -304,3 +378,6 @@ class JsonLines(ProgressDisplay):
 
     def result(self, result: pulls_pb2.PullResult) -> None:
         _write(self.out, json.dumps({"result": message_to_dict(result)}, ensure_ascii=False))
+
+    def node(self, event: pulls_pb2.NodePull) -> None:
+        _write(self.out, json.dumps({"node": message_to_dict(event)}, ensure_ascii=False))

@@ -27,10 +27,12 @@ from broker.config import ServerConfig
 from broker.core.connection_test import ConnectionTester
 from broker.core.errors import BrokerError
 from broker.core.image_hosts import DEFAULT_KEY, ImageHostCatalog
-from broker.core.pulls import Puller
+from broker.core.pulls import Puller, Pulls
 from broker.core.resolution import CredentialResolver
+from broker.core.swarm import SwarmPuller
 from broker.engines.docker_engine import DockerEngine
 from broker.engines.registry import RegistryProber
+from broker.engines.swarm_engine import SwarmEngine
 from broker.security.audit import AuditTrail
 from broker.security.authz import unclassified
 from broker.security.interceptor import SecurityInterceptor
@@ -235,7 +237,8 @@ def start_server(
         CredentialServicer(resolver), server
     )
     pulls_pb2_grpc.add_PullServiceServicer_to_server(
-        PullServicer(Puller(resolver, DockerEngine())), server
+        PullServicer(Pulls(Puller(resolver, DockerEngine()), SwarmPuller(resolver, SwarmEngine()))),
+        server,
     )
 
     health_servicer = health.HealthServicer()

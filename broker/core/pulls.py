@@ -1,14 +1,23 @@
-"""PullImage: resolve the image's credentials, then pull it on an engine."""
+"""PullImage: resolve the image's credentials, then pull it on an engine or a Swarm."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from broker.core.audit import Actor
 from broker.core.errors import InvalidArgument
 from broker.core.resolution import CredentialResolver
+from broker.core.secrets import EMPTY_SECRET, Secret
+from broker.core.swarm import NodeOutcome, SwarmPuller, SwarmPullOutcome
+
+
+class Backend(enum.Enum):
+    AUTO = "auto"
+    DOCKER = "docker"
+    SWARM = "swarm"
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class PullOutcome:
     name: str
     digest: str
     image_host: str
+    registry_auth: Secret = EMPTY_SECRET
 
     @property
     def pinned_image(self) -> str:
@@ -58,7 +68,12 @@ class Puller:
         self._engine = engine
 
     def pull(
-        self, image: str, platform: str, actor: Actor, is_active: Callable[[], bool]
+        self,
+        image: str,
+        platform: str,
+        include_registry_auth: bool,
+        actor: Actor,
+        is_active: Callable[[], bool],
     ) -> Iterator[LayerProgress | PullOutcome]:
         if platform and platform.count("/") not in (1, 2):
             raise InvalidArgument.single("platform", "must look like os/arch[/variant]")
@@ -75,4 +90,61 @@ class Puller:
             name=resolution.reference.name,
             digest=digest,
             image_host=resolution.host.name if resolution.host and not resolution.anonymous else "",
+            registry_auth=(
+                self._resolver.disclose_registry_auth(resolution, actor)
+                if include_registry_auth
+                else EMPTY_SECRET
+            ),
         )
+
+
+PullEvent = LayerProgress | PullOutcome | NodeOutcome | SwarmPullOutcome
+
+
+class Pulls:
+    """Sends a pull to the Docker engine or, on an active Swarm manager, to the Swarm."""
+
+    def __init__(self, docker: Puller, swarm: SwarmPuller) -> None:
+        self._docker = docker
+        self._swarm = swarm
+
+    def pull(
+        self,
+        image: str,
+        backend: Backend,
+        platform: str,
+        placement_constraints: Sequence[str],
+        include_registry_auth: bool,
+        actor: Actor,
+        is_active: Callable[[], bool],
+        time_remaining: float | None,
+    ) -> Iterator[PullEvent]:
+        if backend is Backend.DOCKER and placement_constraints:
+            raise InvalidArgument.single(
+                "placement_constraints", "apply to Swarm pulls only (backend SWARM)"
+            )
+        if backend is Backend.SWARM and platform:
+            raise InvalidArgument.single(
+                "platform",
+                "applies to Docker pulls only: on a Swarm, choose nodes with "
+                "placement_constraints such as node.platform.arch==amd64",
+            )
+        if backend is Backend.AUTO:
+            # The engine decides, unless the request already only fits one backend.
+            if platform:
+                backend = Backend.DOCKER
+            elif placement_constraints or self._swarm.is_available():
+                backend = Backend.SWARM
+            else:
+                backend = Backend.DOCKER
+        if backend is Backend.SWARM:
+            yield from self._swarm.pull(
+                image,
+                placement_constraints,
+                include_registry_auth,
+                actor,
+                is_active,
+                time_remaining,
+            )
+        else:
+            yield from self._docker.pull(image, platform, include_registry_auth, actor, is_active)

@@ -104,6 +104,20 @@ class CredentialResolver:
         )
         return resolution
 
+    def disclose_registry_auth(self, resolution: Resolution, actor: Actor) -> Secret:
+        """The X-Registry-Auth value handed to the caller itself (PullImage with
+        `include_registry_auth`): a disclosure like ResolveCredentials, audited as one."""
+        value = resolution.registry_auth()
+        self._audit(
+            AuditEvent(
+                action="DiscloseRegistryAuth",
+                actor=actor,
+                resource=resolution.host.name if resolution.host else "",
+                details={"registry_auth_returned": "yes" if value else "no"},
+            )
+        )
+        return Secret(value)
+
     def _host_for(self, reference: ImageReference) -> ImageHost | None:
         candidates = [
             h

@@ -101,6 +101,21 @@ class _HangUp:
                 return
 
 
+def engine_unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"the Docker engine cannot be reached: {type(exc).__name__}", reason="ENGINE_UNAVAILABLE"
+    )
+
+
+def engine_client(environment: Mapping[str, str] | None, timeout: float) -> docker.APIClient:
+    """A client of the engine named by DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH)."""
+    try:
+        kwargs: dict[str, Any] = docker.utils.kwargs_from_env(environment=environment)
+        return docker.APIClient(timeout=timeout, version="auto", **kwargs)
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        raise engine_unavailable(exc) from None
+
+
 class DockerEngine:
     """broker.core.pulls.ImageEngine on the engine named by DOCKER_HOST (and TLS settings)."""
 
@@ -111,14 +126,7 @@ class DockerEngine:
         self._timeout = timeout
 
     def _client(self) -> docker.APIClient:
-        try:
-            kwargs: dict[str, Any] = docker.utils.kwargs_from_env(environment=self._environment)
-            return docker.APIClient(timeout=self._timeout, version="auto", **kwargs)
-        except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise Unavailable(
-                f"the Docker engine cannot be reached: {type(exc).__name__}",
-                reason="ENGINE_UNAVAILABLE",
-            ) from None
+        return engine_client(self._environment, self._timeout)
 
     def pull(
         self,
@@ -167,10 +175,7 @@ class DockerEngine:
             except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
                 if hang_up.done:
                     return  # the stream was cut because the caller went away
-                raise Unavailable(
-                    f"the Docker engine cannot be reached: {type(exc).__name__}",
-                    reason="ENGINE_UNAVAILABLE",
-                ) from None
+                raise engine_unavailable(exc) from None
         finally:
             client.close()
 

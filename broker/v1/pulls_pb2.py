@@ -26,7 +26,7 @@ from google.api import client_pb2 as google_dot_api_dot_client__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/pulls.proto\x12\tbroker.v1\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\"n\n\x10PullImageRequest\x12\x13\n\x05image\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x16.broker.v1.PullBackendB\x04\xe2\x41\x01\x01\x12\x16\n\x08platform\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"s\n\x11PullImageResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.broker.v1.LayerProgressH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.broker.v1.PullResultH\x00\x42\x07\n\x05\x65vent\"Z\n\rLayerProgress\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\rcurrent_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"U\n\nPullResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nimage_host\x18\x03 \x01(\t\x12\x14\n\x0cpinned_image\x18\x04 \x01(\t*\\\n\x0bPullBackend\x12\x1c\n\x18PULL_BACKEND_UNSPECIFIED\x10\x00\x12\x17\n\x13PULL_BACKEND_DOCKER\x10\x01\x12\x16\n\x12PULL_BACKEND_SWARM\x10\x02\x32\x61\n\x0bPullService\x12R\n\tPullImage\x12\x1b.broker.v1.PullImageRequest\x1a\x1c.broker.v1.PullImageResponse\"\x08\xda\x41\x05image0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/pulls.proto\x12\tbroker.v1\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xb8\x01\n\x10PullImageRequest\x12\x13\n\x05image\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x16.broker.v1.PullBackendB\x04\xe2\x41\x01\x01\x12\x16\n\x08platform\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x15placement_constraints\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12#\n\x15include_registry_auth\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\x98\x01\n\x11PullImageResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.broker.v1.LayerProgressH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.broker.v1.PullResultH\x00\x12#\n\x04node\x18\x03 \x01(\x0b\x32\x13.broker.v1.NodePullH\x00\x42\x07\n\x05\x65vent\"f\n\x08NodePull\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.broker.v1.NodePullState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"Z\n\rLayerProgress\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\rcurrent_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"\xb9\x01\n\nPullResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nimage_host\x18\x03 \x01(\t\x12\x14\n\x0cpinned_image\x18\x04 \x01(\t\x12\'\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x16.broker.v1.PullBackend\x12\"\n\x05nodes\x18\x06 \x03(\x0b\x32\x13.broker.v1.NodePull\x12\x15\n\rregistry_auth\x18\x07 \x01(\t*\\\n\x0bPullBackend\x12\x1c\n\x18PULL_BACKEND_UNSPECIFIED\x10\x00\x12\x17\n\x13PULL_BACKEND_DOCKER\x10\x01\x12\x16\n\x12PULL_BACKEND_SWARM\x10\x02*\x8d\x01\n\rNodePullState\x12\x1f\n\x1bNODE_PULL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16NODE_PULL_STATE_PULLED\x10\x01\x12#\n\x1fNODE_PULL_STATE_ALREADY_PRESENT\x10\x02\x12\x1a\n\x16NODE_PULL_STATE_FAILED\x10\x03\x32\x61\n\x0bPullService\x12R\n\tPullImage\x12\x1b.broker.v1.PullImageRequest\x1a\x1c.broker.v1.PullImageResponse\"\x08\xda\x41\x05image0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLIMAGEREQUEST'].fields_by_name['backend']._serialized_options = b'\342A\001\001'
   _globals['_PULLIMAGEREQUEST'].fields_by_name['platform']._loaded_options = None
   _globals['_PULLIMAGEREQUEST'].fields_by_name['platform']._serialized_options = b'\342A\001\001'
+  _globals['_PULLIMAGEREQUEST'].fields_by_name['placement_constraints']._loaded_options = None
+  _globals['_PULLIMAGEREQUEST'].fields_by_name['placement_constraints']._serialized_options = b'\342A\001\001'
+  _globals['_PULLIMAGEREQUEST'].fields_by_name['include_registry_auth']._loaded_options = None
+  _globals['_PULLIMAGEREQUEST'].fields_by_name['include_registry_auth']._serialized_options = b'\342A\001\001'
   _globals['_PULLSERVICE'].methods_by_name['PullImage']._loaded_options = None
   _globals['_PULLSERVICE'].methods_by_name['PullImage']._serialized_options = b'\332A\005image'
-  _globals['_PULLBACKEND']._serialized_start=502
-  _globals['_PULLBACKEND']._serialized_end=594
-  _globals['_PULLIMAGEREQUEST']._serialized_start=94
-  _globals['_PULLIMAGEREQUEST']._serialized_end=204
-  _globals['_PULLIMAGERESPONSE']._serialized_start=206
-  _globals['_PULLIMAGERESPONSE']._serialized_end=321
-  _globals['_LAYERPROGRESS']._serialized_start=323
-  _globals['_LAYERPROGRESS']._serialized_end=413
-  _globals['_PULLRESULT']._serialized_start=415
-  _globals['_PULLRESULT']._serialized_end=500
-  _globals['_PULLSERVICE']._serialized_start=596
-  _globals['_PULLSERVICE']._serialized_end=693
+  _globals['_PULLBACKEND']._serialized_start=820
+  _globals['_PULLBACKEND']._serialized_end=912
+  _globals['_NODEPULLSTATE']._serialized_start=915
+  _globals['_NODEPULLSTATE']._serialized_end=1056
+  _globals['_PULLIMAGEREQUEST']._serialized_start=95
+  _globals['_PULLIMAGEREQUEST']._serialized_end=279
+  _globals['_PULLIMAGERESPONSE']._serialized_start=282
+  _globals['_PULLIMAGERESPONSE']._serialized_end=434
+  _globals['_NODEPULL']._serialized_start=436
+  _globals['_NODEPULL']._serialized_end=538
+  _globals['_LAYERPROGRESS']._serialized_start=540
+  _globals['_LAYERPROGRESS']._serialized_end=630
+  _globals['_PULLRESULT']._serialized_start=633
+  _globals['_PULLRESULT']._serialized_end=818
+  _globals['_PULLSERVICE']._serialized_start=1058
+  _globals['_PULLSERVICE']._serialized_end=1155
 # @@protoc_insertion_point(module_scope)

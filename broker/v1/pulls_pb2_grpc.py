@@ -47,10 +47,12 @@ class PullServiceServicer:
     """
 
     def PullImage(self, request, context):
-        """Pulls an image, streaming per-layer progress; the last message holds the
-        pulled digest and the fully qualified reference. Registry refused the
-        credentials: FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image:
-        NOT_FOUND; engine unreachable: UNAVAILABLE. Cancelling the call stops the pull.
+        """Pulls an image, streaming per-layer progress (Docker) or one event per
+        node (Swarm); the last message holds the digest and the fully qualified
+        and pinned references. Registry refused the credentials:
+        FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image: NOT_FOUND;
+        engine unreachable: UNAVAILABLE. Cancelling the call, or its deadline,
+        stops the pull and removes whatever it created on the engine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

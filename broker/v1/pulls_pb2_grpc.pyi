@@ -34,10 +34,12 @@ class PullServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PullServiceAsyncStub: ...
     PullImage: _grpc.UnaryStreamMultiCallable[_pulls_pb2.PullImageRequest, _pulls_pb2.PullImageResponse]
-    """Pulls an image, streaming per-layer progress; the last message holds the
-    pulled digest and the fully qualified reference. Registry refused the
-    credentials: FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image:
-    NOT_FOUND; engine unreachable: UNAVAILABLE. Cancelling the call stops the pull.
+    """Pulls an image, streaming per-layer progress (Docker) or one event per
+    node (Swarm); the last message holds the digest and the fully qualified
+    and pinned references. Registry refused the credentials:
+    FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image: NOT_FOUND;
+    engine unreachable: UNAVAILABLE. Cancelling the call, or its deadline,
+    stops the pull and removes whatever it created on the engine.
     """
 
 @_typing.type_check_only
@@ -46,10 +48,12 @@ class PullServiceAsyncStub(PullServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PullImage: _aio.UnaryStreamMultiCallable[_pulls_pb2.PullImageRequest, _pulls_pb2.PullImageResponse]  # type: ignore[assignment]
-    """Pulls an image, streaming per-layer progress; the last message holds the
-    pulled digest and the fully qualified reference. Registry refused the
-    credentials: FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image:
-    NOT_FOUND; engine unreachable: UNAVAILABLE. Cancelling the call stops the pull.
+    """Pulls an image, streaming per-layer progress (Docker) or one event per
+    node (Swarm); the last message holds the digest and the fully qualified
+    and pinned references. Registry refused the credentials:
+    FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image: NOT_FOUND;
+    engine unreachable: UNAVAILABLE. Cancelling the call, or its deadline,
+    stops the pull and removes whatever it created on the engine.
     """
 
 class PullServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -61,10 +65,12 @@ class PullServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pulls_pb2.PullImageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pulls_pb2.PullImageResponse], _abc.AsyncIterator[_pulls_pb2.PullImageResponse]]:
-        """Pulls an image, streaming per-layer progress; the last message holds the
-        pulled digest and the fully qualified reference. Registry refused the
-        credentials: FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image:
-        NOT_FOUND; engine unreachable: UNAVAILABLE. Cancelling the call stops the pull.
+        """Pulls an image, streaming per-layer progress (Docker) or one event per
+        node (Swarm); the last message holds the digest and the fully qualified
+        and pinned references. Registry refused the credentials:
+        FAILED_PRECONDITION (REGISTRY_AUTH_FAILED); no such image: NOT_FOUND;
+        engine unreachable: UNAVAILABLE. Cancelling the call, or its deadline,
+        stops the pull and removes whatever it created on the engine.
         """
 
 def add_PullServiceServicer_to_server(servicer: PullServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
