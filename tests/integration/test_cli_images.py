@@ -284,6 +284,10 @@ def test_pull_prints_plain_lines_and_the_digest(
         "digest": registry_basic.image_digest,
         "image_host": "imageHosts/private",
         "pinned_image": registry_basic.image_by_digest,
+        "backend": "PULL_BACKEND_DOCKER",
+        "nodes": [],
+        # Not asked for (--show-registry-auth): the header, which holds the token, stays home.
+        "registry_auth": "",
     }
 
 

@@ -111,11 +111,12 @@ class Pulled:
     result: pulls_pb2.PullResult | None = None
 
 
-def pull(broker: BrokerProcess, image: str) -> Pulled:
+def pull(broker: BrokerProcess, image: str, **options: object) -> Pulled:
     """PullImage to the end; checks that the result is the last message and the only one."""
     stub = pulls_pb2_grpc.PullServiceStub(broker.channel())
     pulled = Pulled()
-    for message in stub.PullImage(pulls_pb2.PullImageRequest(image=image), timeout=PULL_TIMEOUT):
+    request = pulls_pb2.PullImageRequest(image=image, **options)
+    for message in stub.PullImage(request, timeout=PULL_TIMEOUT):
         assert pulled.result is None, "a message came after the result"
         if message.HasField("result"):
             pulled.result = message.result
@@ -171,6 +172,81 @@ def test_private_image_pulls_through_the_broker_and_runs(
     assert audit["resolved_image"] == registry_basic.image
     assert audit["disclosed"] == "yes"
     secrets.assert_absent(pull_broker.text(), "the broker's output")
+
+
+def test_registry_auth_is_returned_only_when_asked_and_is_audited(
+    pull_broker: BrokerProcess,
+    docker_scratch: DockerEngine,
+    registry_basic: RegistryServer,
+    secrets: Secrets,
+) -> None:
+    add_registry_host(pull_broker, secrets, "private", registry_basic)
+
+    plain = pull(pull_broker, registry_basic.image).result
+    asked = pull(pull_broker, registry_basic.image, include_registry_auth=True).result
+
+    assert plain is not None
+    assert asked is not None
+    assert plain.registry_auth == ""
+    assert plain.backend == asked.backend == pulls_pb2.PULL_BACKEND_DOCKER
+    assert list(asked.nodes) == []
+    # The header value is what ResolveCredentials hands out for the same image.
+    resolved = credentials_pb2_grpc.CredentialServiceStub(pull_broker.channel()).ResolveCredentials(
+        credentials_pb2.ResolveCredentialsRequest(image=registry_basic.image), timeout=10
+    )
+    assert asked.registry_auth == resolved.registry_auth
+    decoded = json.loads(base64.urlsafe_b64decode(asked.registry_auth))
+    assert decoded["username"] == registry_basic.username
+    assert decoded["serveraddress"] == registry_basic.address
+    first, second = pull_audits(pull_broker)
+    assert "registry_auth_returned" not in first
+    assert second["registry_auth_returned"] == "yes"
+    secrets.assert_absent(pull_broker.text(), "the broker's output")
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "rule"),
+    [
+        ({"backend": 9}, "backend", "must be UNSPECIFIED, DOCKER or SWARM"),
+        (
+            {
+                "backend": pulls_pb2.PULL_BACKEND_DOCKER,
+                "placement_constraints": ["node.role==worker"],
+            },
+            "placement_constraints",
+            "apply to Swarm pulls only",
+        ),
+        (
+            {"backend": pulls_pb2.PULL_BACKEND_SWARM, "platform": "linux/amd64"},
+            "platform",
+            "applies to Docker pulls only",
+        ),
+    ],
+)
+def test_options_that_do_not_fit_the_backend_are_invalid(
+    pull_broker: BrokerProcess, options: dict[str, object], field: str, rule: str
+) -> None:
+    error = expect_error(lambda: pull(pull_broker, "team/tool:1", **options))
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert rule in error.violations[field]
+
+
+def test_swarm_pull_on_an_engine_outside_a_swarm_is_failed_precondition(
+    pull_broker: BrokerProcess,
+    docker_scratch: DockerEngine,
+    registry_basic: RegistryServer,
+    secrets: Secrets,
+) -> None:
+    add_registry_host(pull_broker, secrets, "private", registry_basic)
+
+    error = expect_error(
+        lambda: pull(pull_broker, registry_basic.image, backend=pulls_pb2.PULL_BACKEND_SWARM)
+    )
+
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.reason == "NOT_A_SWARM_MANAGER"
+    assert_not_present(docker_scratch, registry_basic.image)
 
 
 def test_wrong_token_is_registry_auth_failed_in_the_registrys_words(
