@@ -6,8 +6,9 @@ registry auth carried in the service spec, or not at all. So the broker
 1. resolves the image's credentials and its digest on the manager without
    pulling (the registry is asked through the manager's engine), and pins the
    reference to that digest, so every node gets the same image;
-2. creates one short-lived *global job* per pull, constrained to the eligible
-   nodes, whose spec carries the X-Registry-Auth header and the pinned image;
+2. creates one short-lived *global* service per pull (restart condition none:
+   one task per node), constrained to the eligible nodes, whose spec carries
+   the X-Registry-Auth header and the pinned image;
    each node's task pulls the image, then fails to start a command that cannot
    exist (`PREPULL_COMMAND`): the image's own entrypoint or command never runs;
 3. reads each node's outcome from its task, and removes the service whatever
@@ -17,7 +18,13 @@ What a node reports: a task that got as far as starting the sentinel command
 had the image (PULLED); a task that failed before it did not (FAILED, with the
 engine's words). The broker sees only the manager's own engine, so only there
 can it tell that the image was ALREADY_PRESENT before the pull (and skip the
-node); a worker that had it is reported PULLED.
+node); a worker that had it is reported PULLED. A failed pull reaches the task
+as the engine's `No such image: ...` whatever the registry said (the registry's
+words stay in that worker's daemon log): that is the reason a node reports.
+
+Why not a *global job*: on the engines seen (20.10), a job ignores restart
+condition none (a failed task is replaced every half second while the service
+exists) and its tasks and containers outlive `service rm` on the workers.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from broker.core.errors import FailedPrecondition, InvalidArgument
 from broker.core.resolution import CredentialResolver
 from broker.core.secrets import EMPTY_SECRET, Secret
 
-#: The pre-pull job's command: an absolute path no image has, so starting the
+#: The pre-pull service's command: an absolute path no image has, so starting the
 #: container fails right after the pull and nothing of the image ever runs.
 PREPULL_COMMAND = "/credbroker-prepull-never-runs"
 #: Label on every pre-pull service, so leftovers of a crashed broker can be found.
@@ -177,7 +184,7 @@ class SwarmEngine(Protocol):
         constraints: Sequence[str],
         labels: Mapping[str, str],
     ) -> str:
-        """Create the pre-pull global job; return its service id."""
+        """Create the pre-pull service; return its id."""
         ...
 
     def prepull_tasks(self, service_id: str) -> list[PrepullTask]: ...
@@ -317,7 +324,7 @@ class SwarmPuller:
         # Leftovers of a broker that died mid-pull: no pull lives longer than the timeout.
         self._engine.remove_stale_prepulls(older_than=2 * self._settings.timeout)
         pending = {n.id: n for n in nodes}
-        # The job's own constraints are node ids, not the caller's: Swarm then runs it
+        # The service's own constraints are node ids, not the caller's: Swarm then runs it
         # on exactly the nodes chosen here, whatever it would make of the constraints.
         service = self._engine.start_prepull(
             pinned,

@@ -100,7 +100,8 @@ class SwarmEngine:
             "Name": f"credbroker-prepull-{secrets.token_hex(6)}",
             "Labels": dict(labels),
             "TaskTemplate": template,
-            "Mode": docker.types.ServiceMode("global-job"),
+            # Not "global-job": see broker/core/swarm.py.
+            "Mode": docker.types.ServiceMode("global"),
         }
         headers = {"X-Registry-Auth": registry_auth.reveal()} if registry_auth else {}
 

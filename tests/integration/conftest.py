@@ -26,6 +26,27 @@ and is stopped at the end of the session, also when a test fails):
 Function fixtures: `docker_scratch` (the engine; removes the images and containers
 the test added), `recording_registry`, `not_a_registry`, `closed_port`, `silent_port`.
 
+Swarm (`tests/support/swarm_bed.py`; section at the end of this file):
+
+- `swarm_bed` (session) -> `SwarmBed`: a manager and a worker dockerd in two network
+  namespaces joined by a veth (198.18.0.1 / 198.18.0.2), the registry at
+  198.18.0.1:5000 in the manager's namespace, the private image pushed.
+  `manager`, `worker`, `nodes`, `node(id)`; `docker_host` / `manager_socket` (the
+  broker's DOCKER_HOST); `registry` (`RegistryServer`), `registry_address`,
+  `username`, `password`, `auth_config()`, `registry_auth()` (the header);
+  `image` (`PrivateImage`: `reference`, `by_digest`, `pinned`, `digest`, `marker`),
+  `push_private_image()`, `manager_only_registry()` (127.0.0.1:5001, unreachable
+  from the worker); `create_service(spec, registry_auth)`, `service_spec()`
+  (module function), `services()`, `tasks()`, `wait_for_terminal_tasks()`,
+  `remove_services()`, `task_containers()`, `node_states()`, `image_present()`,
+  `containers_by_node()`. Each `SwarmNode`: `node_id`, `address`, `socket_path`,
+  `docker_host`, `api` / `client` (the bed's), `api_client()` / `docker_client()`
+  (new ones), `has_image()`, `containers()`, `evidence_of_run(image, since)`.
+- `swarm_single` (session) -> `SwarmBed`: the manager alone, with its own registry.
+- `swarm_scratch`, `swarm_single_scratch` (function): the same beds; after the test,
+  a service left on the manager fails the test (it is removed first), and the
+  images and containers the test added on any node are removed.
+
 A missing prerequisite fails the fixture with what to install; nothing is skipped.
 """
 
@@ -45,6 +66,7 @@ from tests.support.registry_http_fakes import (
 )
 from tests.support.registry_servers import RegistryCA, RegistryServer
 from tests.support.registry_token_server import TokenServer
+from tests.support.swarm_bed import SwarmBed
 
 
 @pytest.fixture(scope="session")
@@ -227,3 +249,90 @@ def silent_port() -> Iterator[SilentPort]:
         yield port
     finally:
         port.close()
+
+
+# -- Swarm ----------------------------------------------------------------------------
+# Fixtures of the real multi-node Swarm test bed (tests/support/swarm_bed.py).
+
+
+@pytest.fixture(scope="session")
+def swarm_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmBed]:
+    """Manager + worker + registry, each dockerd in its own network namespace."""
+    bed = SwarmBed.create(tmp_path_factory.mktemp("swarm-bed"), nodes=2)
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+@pytest.fixture(scope="session")
+def swarm_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmBed]:
+    """The single-node case: a manager (and its registry) alone in its namespace."""
+    bed = SwarmBed.create(tmp_path_factory.mktemp("swarm-single"), nodes=1)
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+def _swarm_scratch(bed: SwarmBed) -> Iterator[SwarmBed]:
+    """Yield `bed`; then remove what the test left, and fail it when a service was left.
+
+    A service left behind would make the next test's tasks and node states
+    ambiguous, and means the code under test did not clean up after itself.
+    """
+    images = {node.node_id: node.image_ids() for node in bed.nodes}
+    containers = {node.node_id: {c["Id"] for c in node.containers()} for node in bed.nodes}
+    yield bed
+    left = bed.remove_services()
+    for node in bed.nodes:
+        for container in node.containers():
+            if container["Id"] not in containers[node.node_id]:
+                node.remove_container(container["Id"])
+        for image_id in node.image_ids() - images[node.node_id]:
+            node.remove_image(image_id)
+    if left:
+        pytest.fail(f"services left on the swarm manager (now removed): {left}")
+
+
+@pytest.fixture
+def swarm_scratch(swarm_bed: SwarmBed) -> Iterator[SwarmBed]:
+    """`swarm_bed`; no service may be left after the test, added images are removed."""
+    yield from _swarm_scratch(swarm_bed)
+
+
+@pytest.fixture
+def swarm_single_scratch(swarm_single: SwarmBed) -> Iterator[SwarmBed]:
+    """`swarm_single`; no service may be left after the test, added images are removed."""
+    yield from _swarm_scratch(swarm_single)
+
+
+# -- Kubernetes -----------------------------------------------------------------------
+# The Kubernetes API server emulator (tests/support/k8s_emulator.py): a fresh one per
+# test, reached through a kubeconfig by the official client. Imported here, not at the
+# top, so that this section stays self-contained.
+
+from pathlib import Path  # noqa: E402
+
+from tests.support.k8s_emulator import K8sCluster, K8sEmulator  # noqa: E402
+
+
+@pytest.fixture
+def k8s_cluster(tmp_path: Path) -> Iterator[K8sCluster]:
+    """A fresh K8sEmulator on 127.0.0.1 and a kubeconfig (context "k8s-emulator") for it.
+
+    `k8s_cluster.emulator` is the emulator (test controls: create_namespace,
+    get_object/put_object/mutate_object, forbid_namespace, inject, before_write,
+    requests, settle), `.kubeconfig` the kubeconfig path, `.context` its context,
+    `.core_v1()` a CoreV1Api built from it (`.api_client()` the ApiClient). Both
+    are closed after the test; an internal emulator error fails it.
+    """
+    emulator = K8sEmulator().start()
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig", context_name="k8s-emulator")
+    cluster = K8sCluster(emulator, kubeconfig, "k8s-emulator")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        emulator.stop()
+    assert emulator.server_errors == []

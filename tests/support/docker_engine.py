@@ -13,6 +13,12 @@ It runs in a private mount namespace (`unshare --mount`) where
   and any machine-wide containerd socket stay out of sight: the daemon always
   starts its own containerd, and nothing it creates there outlives it.
 
+`DockerEngine(work_dir, network_namespace=path, insecure_registries=[…])` runs the
+same daemon inside an existing network namespace (`nsenter --net=<path>`, e.g. a
+holder's `/proc/<pid>/ns/net`; not `ip netns exec`, which remounts /sys and hides
+the cgroup v1 mounts) and passes `--insecure-registry` for plain-HTTP registries
+that are not on 127.0.0.0/8 (the Swarm test bed, `tests/support/swarm_bed.py`).
+
 Containers get `--cgroup-parent=/<unique name>`; `stop()` removes containers,
 SIGTERMs dockerd, then ends whatever is left in its mount namespace (its
 containerd, shims) by pid and removes the cgroup directories it created.
@@ -36,7 +42,7 @@ import socket
 import tarfile
 import tempfile
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,8 +170,18 @@ def split_reference(reference: str) -> tuple[str, str]:
 class DockerEngine:
     """dockerd with everything of its own; `client` is a docker-py `DockerClient`."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        network_namespace: str | None = None,
+        insecure_registries: Sequence[str] = (),
+    ) -> None:
         self.work_dir = work_dir
+        #: A network namespace path the daemon runs in (None: this process's own).
+        self.network_namespace = network_namespace
+        #: `host:port` of plain-HTTP registries outside 127.0.0.0/8.
+        self.insecure_registries = tuple(insecure_registries)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to 108 bytes: the exec root (containerd's
         # socket, libnetwork's) and the API socket live in a short private directory.
@@ -220,7 +236,13 @@ class DockerEngine:
         self.exec_root.mkdir(exist_ok=True)
         self.certs_d.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(json.dumps({"debug": False}) + "\n")
+        enter: list[str] = []
+        if self.network_namespace is not None:
+            nsenter = require_binary("nsenter", "util-linux")
+            # nsenter and unshare both exec: the daemon keeps the pid ManagedProcess knows.
+            enter = [nsenter, f"--net={self.network_namespace}", "--"]
         argv = [
+            *enter,
             unshare,
             "--mount",
             "--propagation",
@@ -250,6 +272,7 @@ class DockerEngine:
             f"--cgroup-parent=/{self.cgroup_parent}",
             "--exec-opt",
             "native.cgroupdriver=cgroupfs",
+            *(f"--insecure-registry={address}" for address in self.insecure_registries),
         ]
         process = ManagedProcess(
             "dockerd",

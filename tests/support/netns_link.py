@@ -20,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,6 +200,10 @@ class TestNetwork:
         return ManagedProcess(
             name, self.command_inside(argv), log_path, env=clean_environment()
         ).start()
+
+    def create_connection(self, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A TCP connection to a guest: this host reaches them through the veth."""
+        return socket.create_connection(address, timeout)
 
     def close(self) -> None:
         """Delete the veth (its peer goes with it) and end the holder. Idempotent."""

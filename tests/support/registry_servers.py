@@ -13,6 +13,12 @@ answers with `Docker-Distribution-API-Version`. Authentication is one of
 TLS uses a certificate from `RegistryCA` (the tests' `CertificateAuthority`,
 able to put any IP address in the SAN).
 
+`network` is anything with `guest_addresses`, `start_inside()` and
+`create_connection()` (`NetworkNamespace`): a `TestNetwork`, reachable from this
+host, or a namespace of the Swarm test bed that is not, where probes open their
+socket inside the namespace. `listener` fixes where the registry listens (e.g.
+only 127.0.0.1 inside a namespace) instead of a free port or the guests' :5000.
+
 Passwords are generated, kept in `server.password` only, written nowhere but
 as a bcrypt hash, excluded from `repr()`, and never logged.
 """
@@ -24,11 +30,12 @@ import http.client
 import ipaddress
 import json
 import secrets
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import bcrypt
 from cryptography import x509
@@ -47,7 +54,6 @@ from tests.support.docker_processes import (
 
 if TYPE_CHECKING:
     from tests.support.docker_engine import DockerEngine
-    from tests.support.netns_link import TestNetwork
     from tests.support.registry_token_server import TokenServer
 
 START_TIMEOUT = 20.0
@@ -89,6 +95,17 @@ def encode_registry_auth(auth_config: dict[str, str]) -> str:
     return base64.urlsafe_b64encode(json.dumps(auth_config).encode()).decode()
 
 
+class NetworkNamespace(Protocol):
+    """Where a registry can run besides this host's own network (see the module doc)."""
+
+    @property
+    def guest_addresses(self) -> list[str]: ...
+
+    def start_inside(self, name: str, argv: Sequence[str], log_path: Path) -> ManagedProcess: ...
+
+    def create_connection(self, address: tuple[str, int], timeout: float) -> socket.socket: ...
+
+
 @dataclass(frozen=True)
 class Listener:
     """Where a registry listens and how clients address it."""
@@ -111,8 +128,9 @@ class RegistryServer:
         certificate: IssuedCertificate | None = None,
         ca_path: Path | None = None,
         token_server: TokenServer | None = None,
-        network: TestNetwork | None = None,
+        network: NetworkNamespace | None = None,
         username: str | None = None,
+        listener: Listener | None = None,
     ) -> None:
         if auth == "token" and token_server is None:
             raise ValueError("a token registry needs its TokenServer")
@@ -135,6 +153,7 @@ class RegistryServer:
         self.config_path = work_dir / "config.json"
         self.log_path = work_dir / "registry.log"
         self.listener: Listener | None = None
+        self._fixed_listener = listener
         self._process: ManagedProcess | None = None
         self.repository = DEFAULT_REPOSITORY
         self.tag = DEFAULT_TAG
@@ -251,6 +270,8 @@ class RegistryServer:
         raise TestbedError(f"registry {self.name} did not start")  # pragma: no cover
 
     def _choose_listener(self) -> Listener:
+        if self._fixed_listener is not None:
+            return self._fixed_listener
         if self.network is None:
             port = free_port()
             return Listener(f"{LOOPBACK}:{port}", f"{LOOPBACK}:{port}")
@@ -310,7 +331,20 @@ class RegistryServer:
         """One HTTP(S) GET to the registry (CA-verified when TLS); status, lowercase headers."""
         host, port = (address or self.address).rsplit(":", 1)
         connection: http.client.HTTPConnection
-        if self.ca_path is not None:
+        if self.network is not None:
+            # The socket is opened where the registry is (its namespace may not be
+            # reachable from here); TLS, when any, is verified just the same.
+            sock = self.network.create_connection((host, int(port)), PROBE_TIMEOUT)
+            if self.ca_path is not None:
+                context = ssl.create_default_context(cafile=str(self.ca_path))
+                try:
+                    sock = context.wrap_socket(sock, server_hostname=host)
+                except BaseException:
+                    sock.close()
+                    raise
+            connection = http.client.HTTPConnection(host, int(port), timeout=PROBE_TIMEOUT)
+            connection.sock = sock
+        elif self.ca_path is not None:
             context = ssl.create_default_context(cafile=str(self.ca_path))
             connection = http.client.HTTPSConnection(
                 host, int(port), context=context, timeout=PROBE_TIMEOUT
