@@ -45,6 +45,8 @@ _CODES: list[tuple[type[errors.BrokerError], int]] = [
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.Cancelled, code_pb2.CANCELLED),
+    (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
 ]
 
 

@@ -84,3 +84,15 @@ class Unauthenticated(BrokerError):
 
 class ResourceExhausted(BrokerError):
     reason = "RESOURCE_EXHAUSTED"
+
+
+class Cancelled(BrokerError):
+    """The caller went away before the work was done (it will not read this)."""
+
+    reason = "CANCELLED"
+
+
+class DeadlineExceeded(BrokerError):
+    """The call's deadline passed before the work was done."""
+
+    reason = "DEADLINE_EXCEEDED"

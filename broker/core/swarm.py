@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.core.audit import Actor
-from broker.core.errors import FailedPrecondition, InvalidArgument
+from broker.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from broker.core.resolution import CredentialResolver
 from broker.core.secrets import EMPTY_SECRET, Secret
 
@@ -47,6 +47,8 @@ PREPULL_COMMAND = "/credbroker-prepull-never-runs"
 #: Label on every pre-pull service, so leftovers of a crashed broker can be found.
 PREPULL_LABEL = "dev.credbroker.prepull"
 MAX_CONSTRAINTS = 32
+#: How far the call's end may precede its deadline by our clock and still be that deadline.
+_CLOCK_SLACK = 0.5
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(==|!=)\s*(\S(?:.*\S)?)\s*$")
 _PLAIN_KEYS = frozenset(
     {"node.id", "node.hostname", "node.role", "node.platform.os", "node.platform.arch"}
@@ -262,10 +264,11 @@ class SwarmPuller:
                 "the configured Docker engine is not an active Swarm manager",
                 reason="NOT_A_SWARM_MANAGER",
             )
-        deadline = self._clock() + min(
-            self._settings.timeout,
-            time_remaining if time_remaining is not None else self._settings.timeout,
-        )
+        now = self._clock()
+        # The broker's own bound reports unfinished nodes as FAILED; the call's
+        # deadline, when it comes first, ends the call instead (DEADLINE_EXCEEDED).
+        deadline = now + self._settings.timeout
+        call_deadline = now + time_remaining if time_remaining is not None else None
         all_nodes = self._engine.nodes()
         nodes = [
             n for n in all_nodes if n.ready and n.active and all(c.matches(n) for c in constraints)
@@ -298,7 +301,12 @@ class SwarmPuller:
                 outcomes.append(outcome)
                 yield outcome
             if not is_active():
-                return
+                # Raised, not returned: the call's record must say it did not finish.
+                if call_deadline is not None and self._clock() >= call_deadline - _CLOCK_SLACK:
+                    raise DeadlineExceeded(
+                        "the call's deadline passed before every node had the image"
+                    )
+                raise Cancelled("the caller cancelled the pull")
         yield SwarmPullOutcome(
             image=reference.fully_qualified,
             name=reference.name,

@@ -246,6 +246,11 @@ class IsolatedNamespace:
         """A TCP connection made from inside the namespace (usable from any thread)."""
         return _setns_thread(self.path, lambda: socket.create_connection(address, timeout), timeout)
 
+    def create_server(self, address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
+        """A listening TCP socket bound inside the namespace (accept from any thread); the
+        caller closes it."""
+        return _setns_thread(self.path, lambda: socket.create_server(address), timeout)
+
     def close(self) -> None:
         """End the holder; the namespace (and its veth end) goes with its last process."""
         if self._holder is not None:
@@ -696,6 +701,17 @@ class SwarmBed:
             self._manager_only = server
             server.start()
         return self._manager_only
+
+    def rotate_registry_password(self) -> str:
+        """Give the shared registry's user a new password and return it: the registry is
+        restarted (distribution 2.8 reads its htpasswd file once) on the same address,
+        with the same storage; the old password is refused from then on, and
+        `password`, `auth_config()` and `registry_auth()` give the new one."""
+        server = self._registry
+        server.stop()
+        server.password = secrets.token_urlsafe(24)
+        server.start()
+        return server.password
 
     def remove_image_everywhere(self, image: PrivateImage) -> None:
         for node in self.nodes:
