@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from broker.cli_hosts import add_hosts_parser, run_hosts
 from broker.cli_images import add_images_commands, run_images
+from broker.cli_k8s import add_k8s_commands, run_k8s
 from broker.cli_principals import add_principals_commands, run_principals
 from broker.cli_store import add_store_commands, run_store
 from broker.config import add_server_arguments, server_config_from
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_arguments(serve)
     add_hosts_parser(commands)
     add_images_commands(commands)
+    add_k8s_commands(commands)
     add_principals_commands(commands)
     add_store_commands(commands)
     return parser
@@ -37,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_hosts(args)
     if args.command in ("resolve", "pull"):
         return run_images(args)
+    if args.command == "k8s":
+        return run_k8s(args)
     if args.command == "principals":
         return run_principals(args)
     if args.command == "store":

@@ -75,6 +75,10 @@ class ServerConfig:
     cache_ttl: float = 5.0
     cache_stale_window: float = 300.0
     registry_ca_file: Path | None = None
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    k8s_sync_interval: float = 60.0
+    k8s_service_account_wait: float = 10.0
 
     @property
     def principals_path(self) -> Path:
@@ -187,6 +191,51 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_path("CREDBROKER_REGISTRY_CA_FILE"),
         help="extra CA bundle trusted when testing registry connections "
         "(env CREDBROKER_REGISTRY_CA_FILE; default: the system's)",
+    )
+    add_kubernetes_arguments(parser)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError("must be from 0 to 86400 seconds")
+    return seconds
+
+
+def add_kubernetes_arguments(parser: argparse.ArgumentParser) -> None:
+    """Cluster access for pull secrets (see broker/engines/kubernetes_engine.py)."""
+    env = os.environ.get
+    kubernetes = parser.add_argument_group(
+        "kubernetes (pull secrets; in a pod, the service account is used when no "
+        "kubeconfig is given)"
+    )
+    kubernetes.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG") or None,
+        help="kubeconfig file(s) of the cluster for pull secrets (env KUBECONFIG; "
+        "~/.kube/config is not read unless named)",
+    )
+    kubernetes.add_argument(
+        "--kube-context",
+        default=env("CREDBROKER_KUBE_CONTEXT") or None,
+        help="context of the kubeconfig (env CREDBROKER_KUBE_CONTEXT; default: its current one)",
+    )
+    kubernetes.add_argument(
+        "--k8s-sync-interval",
+        type=_seconds,
+        default=env("CREDBROKER_K8S_SYNC_INTERVAL", "60"),
+        help="seconds between syncs of the managed pull secrets, 0 for none but those after "
+        "a credential change (env CREDBROKER_K8S_SYNC_INTERVAL, default %(default)s)",
+    )
+    kubernetes.add_argument(
+        "--k8s-service-account-wait",
+        type=_seconds,
+        default=env("CREDBROKER_K8S_SERVICE_ACCOUNT_WAIT", "10"),
+        help="seconds to wait for the default service account of a new namespace "
+        "(env CREDBROKER_K8S_SERVICE_ACCOUNT_WAIT, default %(default)s)",
     )
 
 
@@ -341,4 +390,8 @@ def server_config_from(args: argparse.Namespace) -> ServerConfig:
         cache_ttl=args.cache_ttl,
         cache_stale_window=args.cache_stale_window,
         registry_ca_file=args.registry_ca_file,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.kube_context,
+        k8s_sync_interval=args.k8s_sync_interval,
+        k8s_service_account_wait=args.k8s_service_account_wait,
     )

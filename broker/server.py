@@ -22,15 +22,20 @@ from grpc_reflection.v1alpha import reflection
 from broker.api.credentials import CredentialServicer
 from broker.api.errors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from broker.api.image_hosts import ImageHostServicer
+from broker.api.pull_secrets import PullSecretServicer
 from broker.api.pulls import PullServicer
 from broker.config import ServerConfig
 from broker.core.connection_test import ConnectionTester
 from broker.core.errors import BrokerError
 from broker.core.image_hosts import DEFAULT_KEY, ImageHostCatalog
+from broker.core.pull_secret_store import PullSecretRegistry
+from broker.core.pull_secret_sync import PullSecretReconciler
+from broker.core.pull_secrets import PullSecretManager, Tuning
 from broker.core.pulls import Puller, Pulls
 from broker.core.resolution import CredentialResolver
 from broker.core.swarm import SwarmPuller
 from broker.engines.docker_engine import DockerEngine
+from broker.engines.kubernetes_engine import ClusterConfigError, ClusterSettings, open_cluster
 from broker.engines.registry import RegistryProber
 from broker.engines.swarm_engine import SwarmEngine
 from broker.security.audit import AuditTrail
@@ -47,6 +52,8 @@ from broker.v1 import (
     credentials_pb2_grpc,
     image_hosts_pb2,
     image_hosts_pb2_grpc,
+    pull_secrets_pb2,
+    pull_secrets_pb2_grpc,
     pulls_pb2,
     pulls_pb2_grpc,
 )
@@ -57,6 +64,7 @@ SERVICES = (
     image_hosts_pb2.DESCRIPTOR.services_by_name["ImageHostService"],
     credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
     pulls_pb2.DESCRIPTOR.services_by_name["PullService"],
+    pull_secrets_pb2.DESCRIPTOR.services_by_name["PullSecretService"],
 )
 SERVICE_NAMES: Sequence[str] = tuple(s.full_name for s in SERVICES)
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -146,10 +154,13 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     store_watch: StoreHealthWatch | None = None
+    reconciler: PullSecretReconciler | None = None
 
     def stop(self, grace: float) -> None:
         if self.store_watch is not None:
             self.store_watch.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         # Tell load balancers first, then let in-flight calls finish.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
@@ -208,6 +219,10 @@ def start_server(
     catalog = ImageHostCatalog(store, audit)
     if catalog.ensure_seeded():
         _log.info("empty store: seeded Docker Hub (anonymous) as the default image host")
+    try:
+        cluster = open_cluster(ClusterSettings(config.kubeconfig, config.kube_context))
+    except ClusterConfigError as exc:
+        raise StartupError(str(exc)) from None
 
     security = SecurityInterceptor(
         principals,
@@ -240,6 +255,21 @@ def start_server(
         PullServicer(Pulls(Puller(resolver, DockerEngine()), SwarmPuller(resolver, SwarmEngine()))),
         server,
     )
+    pull_secrets = PullSecretManager(
+        catalog,
+        resolver,
+        PullSecretRegistry(store),
+        cluster,
+        audit,
+        Tuning(service_account_wait=config.k8s_service_account_wait),
+    )
+    pull_secrets_pb2_grpc.add_PullSecretServiceServicer_to_server(
+        PullSecretServicer(pull_secrets), server
+    )
+    reconciler = None
+    if cluster is not None:
+        reconciler = PullSecretReconciler(pull_secrets, config.k8s_sync_interval)
+        catalog.add_observer(reconciler.trigger)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -268,7 +298,20 @@ def start_server(
     modes = {None: "plaintext", False: "TLS", True: "mutual TLS"}
     mode = modes[None if credentials is None else config.client_ca is not None]
     _log.info("listening on %s:%d (%s, store: %s)", host, port, mode, config.data_dir)
-    return RunningServer(server=server, health=health_servicer, port=port, store_watch=store_watch)
+    if reconciler is not None and cluster is not None:
+        _log.info(
+            "pull secrets: Kubernetes API at %s, sync every %gs",
+            cluster.server,
+            config.k8s_sync_interval,
+        )
+        reconciler.start()
+    return RunningServer(
+        server=server,
+        health=health_servicer,
+        port=port,
+        store_watch=store_watch,
+        reconciler=reconciler,
+    )
 
 
 def ensure_admin(config: ServerConfig) -> bool:

@@ -171,6 +171,13 @@ class ImageHostCatalog:
         self._store = store
         self._audit = audit
         self._clock = clock
+        self._observers: list[Callable[[str], None]] = []
+
+    def add_observer(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(image_host_id)` after every successful change of a host
+        (create, update, delete, set default). It runs on the writer's thread and
+        must return quickly and not raise (the pull-secret reconciler's trigger)."""
+        self._observers.append(callback)
 
     # -- queries -------------------------------------------------------------
 
@@ -508,6 +515,8 @@ class ImageHostCatalog:
         self._audit(
             AuditEvent(action=action, actor=actor, resource=host.name, details=dict(details))
         )
+        for observer in self._observers:
+            observer(host.id)
 
 
 _T = TypeVar("_T")

@@ -212,11 +212,21 @@ class SwarmPullOutcome:
         return f"{self.name}@{self.digest}"
 
 
+_ENDED = frozenset({"failed", "rejected", "shutdown", "orphaned", "remove"})
+#: Task status messages after the prepare step, where the pull happens: a task that
+#: got there had the image, whatever then stopped it starting.
+_PAST_THE_PULL = frozenset({"ready", "starting", "started", "running", "finished"})
+
+
 def judge(task: PrepullTask) -> NodeState | None:
     """A finished task's outcome for its node; None while it is still going."""
-    if PREPULL_COMMAND in task.error or task.state in ("running", "complete"):
+    if (
+        PREPULL_COMMAND in task.error
+        or task.state in ("starting", "running", "complete")
+        or (task.state in _ENDED and task.message.lower() in _PAST_THE_PULL)
+    ):
         return NodeState.PULLED
-    if task.state in ("failed", "rejected", "shutdown", "orphaned", "remove"):
+    if task.state in _ENDED:
         return NodeState.FAILED
     return None
 

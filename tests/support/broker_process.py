@@ -21,6 +21,12 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT = 30.0
 
 
+#: Environment variables a broker under test never takes from the test run itself.
+_NOT_INHERITED = frozenset(
+    {"KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "DOCKER_HOST"}
+)
+
+
 class BrokerProcess:
     """Starts the broker as a child process and captures everything it prints."""
 
@@ -35,7 +41,10 @@ class BrokerProcess:
         self.data_dir = data_dir
         self._command = list(command or [sys.executable, "-m", "broker.cli", "serve"])
         self._args = ["--port", "0", "--data-dir", str(data_dir), *args]
-        self._env = {**os.environ, **(env or {})}
+        # A cluster or engine of the machine running the tests is never the broker's,
+        # unless a test names one (VAULT_* stays: the suite may run against a real Vault).
+        inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+        self._env = {**inherited, **(env or {})}
         self.output: list[str] = []
         self._output_lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None

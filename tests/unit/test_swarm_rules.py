@@ -98,6 +98,11 @@ def test_too_many_constraints_are_refused() -> None:
             NodeState.FAILED,
         ),
         (PrepullTask("n", "failed", "", "unauthorized: authentication required"), NodeState.FAILED),
+        # Another start failure than the sentinel's (seen once: a reused task container).
+        (
+            PrepullTask("n", "failed", "starting", "cannot start a stopped process"),
+            NodeState.PULLED,
+        ),
         (PrepullTask("n", "preparing"), None),
         (PrepullTask("n", "pending", "no suitable node"), None),
         (PrepullTask("n", "complete"), NodeState.PULLED),
