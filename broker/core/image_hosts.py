@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,6 @@ from broker.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 from broker.core.registry_url import (
     DOCKER_HUB_SERVER_ADDRESS,
@@ -37,6 +35,7 @@ from broker.core.registry_url import (
     parse_registry_url,
 )
 from broker.core.secrets import EMPTY_SECRET, Secret
+from broker.core.store_access import call_store, decode_page_token, encode_page_token
 from broker.stores.base import (
     Check,
     Delete,
@@ -45,10 +44,6 @@ from broker.stores.base import (
     Operation,
     Put,
     SecretStore,
-    StoreCorrupt,
-    StoreError,
-    StorePermissionDenied,
-    StoreUnavailable,
     VersionConflict,
 )
 
@@ -183,7 +178,7 @@ class ImageHostCatalog:
 
     def get(self, image_host_id: str, actor: Actor) -> ImageHost:
         _check_scope(actor, image_host_id)
-        entry = _read(self._store.get, HOSTS_PREFIX + image_host_id)
+        entry = call_store(self._store.get, HOSTS_PREFIX + image_host_id)
         if entry is None:
             raise NotFound(
                 f"{RESOURCE_PREFIX}{image_host_id} not found", reason="IMAGE_HOST_NOT_FOUND"
@@ -198,23 +193,23 @@ class ImageHostCatalog:
         default_id = self._default_id()
         entries = [
             e
-            for e in _read(self._store.list, HOSTS_PREFIX)
+            for e in call_store(self._store.list, HOSTS_PREFIX)
             if e.key[len(HOSTS_PREFIX) :] > after and actor.may_use_host(e.key[len(HOSTS_PREFIX) :])
         ]
         page = [_host_from_entry(e, default_id) for e in entries[:size]]
-        token = _encode_page_token(page[-1].id) if len(entries) > size else ""
+        token = encode_page_token(page[-1].id) if len(entries) > size else ""
         return Page(hosts=page, next_page_token=token)
 
     def all_hosts(self) -> list[ImageHost]:
         default_id = self._default_id()
-        return [_host_from_entry(e, default_id) for e in _read(self._store.list, HOSTS_PREFIX)]
+        return [_host_from_entry(e, default_id) for e in call_store(self._store.list, HOSTS_PREFIX)]
 
     def get_default(self, actor: Actor = SYSTEM_ACTOR) -> ImageHost:
         default_id = self._default_id()
         if default_id is None:
             raise FailedPrecondition("no default image host is set", reason="NO_DEFAULT_IMAGE_HOST")
         _check_scope(actor, default_id)
-        entry = _read(self._store.get, HOSTS_PREFIX + default_id)
+        entry = call_store(self._store.get, HOSTS_PREFIX + default_id)
         if entry is None:
             raise FailedPrecondition(
                 f"the default image host {RESOURCE_PREFIX}{default_id} no longer exists; "
@@ -240,7 +235,7 @@ class ImageHostCatalog:
         data = _host_data(display_name, url, username, token, now, now)
 
         def attempt() -> ImageHost:
-            if _read(self._store.get, key) is not None:
+            if call_store(self._store.get, key) is not None:
                 raise AlreadyExists(
                     f"{RESOURCE_PREFIX}{image_host_id} already exists",
                     reason="IMAGE_HOST_ALREADY_EXISTS",
@@ -249,7 +244,7 @@ class ImageHostCatalog:
             # a lost claim then stops the batch before the host is written.
             ops = self._claim_ops(location, image_host_id, release=None, actor=actor)
             ops.append(Put(key, data, 0))
-            default = _read(self._store.get, DEFAULT_KEY)
+            default = call_store(self._store.get, DEFAULT_KEY)
             becomes_default = default is None
             if becomes_default:
                 ops.append(
@@ -330,7 +325,7 @@ class ImageHostCatalog:
         def attempt() -> ImageHost:
             current = self._current(image_host_id, etag, actor)
             _check_etag(current, etag)
-            default = _read(self._store.get, DEFAULT_KEY)
+            default = call_store(self._store.get, DEFAULT_KEY)
             if default is not None and default.data.get("image_host_id") == image_host_id:
                 raise FailedPrecondition(
                     f"{current.name} is the default image host; "
@@ -344,7 +339,7 @@ class ImageHostCatalog:
                 # before the claim is freed, so that a lost race frees nothing.
                 Check(DEFAULT_KEY, default.version if default else 0),
             ]
-            claim = _read(self._store.get, _claim_key(current.location))
+            claim = call_store(self._store.get, _claim_key(current.location))
             if claim is not None and claim.data.get("image_host_id") == image_host_id:
                 ops.append(Delete(claim.key, claim.version))
             self._commit(ops)
@@ -364,7 +359,7 @@ class ImageHostCatalog:
         def attempt() -> tuple[ImageHost, str]:
             host = self._current(image_host_id, etag, actor)
             _check_etag(host, etag)
-            default = _read(self._store.get, DEFAULT_KEY)
+            default = call_store(self._store.get, DEFAULT_KEY)
             previous = str(default.data.get("image_host_id", "")) if default else ""
             self._commit(
                 [
@@ -392,9 +387,9 @@ class ImageHostCatalog:
 
     def ensure_seeded(self) -> bool:
         """On an empty store, create anonymous Docker Hub as the default host."""
-        if _read(self._store.list, HOSTS_PREFIX):
+        if call_store(self._store.list, HOSTS_PREFIX):
             return False
-        if _read(self._store.get, DEFAULT_KEY) is not None:
+        if call_store(self._store.get, DEFAULT_KEY) is not None:
             return False
         now = self._clock()
         location = parse_registry_url(DOCKER_HUB_SERVER_ADDRESS)
@@ -433,10 +428,10 @@ class ImageHostCatalog:
         """`key` as the store holds it now, not a cached copy."""
         if isinstance(self._store, Invalidating):
             self._store.invalidate([key])
-        return _read(self._store.get, key)
+        return call_store(self._store.get, key)
 
     def _default_id(self) -> str | None:
-        entry = _read(self._store.get, DEFAULT_KEY)
+        entry = call_store(self._store.get, DEFAULT_KEY)
         return None if entry is None else str(entry.data.get("image_host_id") or "") or None
 
     def _claim_ops(
@@ -447,7 +442,7 @@ class ImageHostCatalog:
         actor: Actor = SYSTEM_ACTOR,
     ) -> list[Operation]:
         ops: list[Operation] = []
-        claim = _read(self._store.get, _claim_key(location))
+        claim = call_store(self._store.get, _claim_key(location))
         owner = None if claim is None else str(claim.data.get("image_host_id", ""))
         now = self._clock()
         # The owner's host is read from the store itself: a cached "absent" may be stale.
@@ -494,14 +489,14 @@ class ImageHostCatalog:
             )
         )
         if release is not None:
-            old = _read(self._store.get, _claim_key(release))
+            old = call_store(self._store.get, _claim_key(release))
             if old is not None and old.data.get("image_host_id") == image_host_id:
                 ops.append(Delete(old.key, old.version))
         return ops
 
     def _commit(self, ops: Sequence[Operation]) -> dict[str, int]:
         try:
-            return dict(_read(self._store.commit, ops).versions)
+            return dict(call_store(self._store.commit, ops).versions)
         except VersionConflict as exc:
             raise Aborted(
                 "the image host was changed concurrently; read it again and retry",
@@ -521,28 +516,6 @@ class ImageHostCatalog:
 
 _T = TypeVar("_T")
 _A = TypeVar("_A")
-
-
-def _read(call: Callable[[_A], _T], arg: _A) -> _T:
-    """Call the store, turning its failures (but a version conflict) into domain errors."""
-    try:
-        return call(arg)
-    except VersionConflict:
-        raise
-    except StoreUnavailable as exc:
-        raise Unavailable(
-            f"the secret store is unavailable: {exc}", reason="STORE_UNAVAILABLE"
-        ) from None
-    except StoreCorrupt as exc:
-        raise Unavailable(
-            f"the secret store cannot be read: {exc}", reason="STORE_CORRUPT"
-        ) from None
-    except StorePermissionDenied as exc:
-        raise FailedPrecondition(
-            f"the secret store refused the broker: {exc}", reason="STORE_PERMISSION_DENIED"
-        ) from None
-    except StoreError as exc:
-        raise Unavailable(f"the secret store failed: {exc}", reason="STORE_ERROR") from None
 
 
 def _retry_unconditional(attempt: Callable[[], _T], etag: str = "") -> _T:
@@ -691,22 +664,10 @@ def _host_from_data(
     )
 
 
-def _encode_page_token(after_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode()
-
-
 def _decode_page_token(token: str) -> str:
     if not token:
         return ""
-    invalid = InvalidArgument.single("page_token", "is not a token returned by ListImageHosts")
-    # Our tokens are about 110 characters; a longer one could only feed json.loads
-    # deeply nested brackets (RecursionError).
-    if len(token) > MAX_PAGE_TOKEN:
-        raise invalid
-    try:
-        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise invalid from None
+    after = decode_page_token(token, "ListImageHosts", MAX_PAGE_TOKEN)
     if not isinstance(after, str) or not ID_RE.fullmatch(after):
-        raise invalid
+        raise InvalidArgument.single("page_token", "is not a token returned by ListImageHosts")
     return after

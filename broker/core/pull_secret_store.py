@@ -35,17 +35,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from broker.core.errors import Aborted, FailedPrecondition, Unavailable
+from broker.core.errors import Aborted
+from broker.core.store_access import call_store
 from broker.stores.base import (
     Delete,
     Entry,
     Invalidating,
     Put,
     SecretStore,
-    StoreCorrupt,
-    StoreError,
-    StorePermissionDenied,
-    StoreUnavailable,
     VersionConflict,
 )
 
@@ -118,7 +115,7 @@ class PullSecretRegistry:
     def installation_id(self, *, create: bool) -> str:
         """This installation's id; "" when there is none yet and `create` is False."""
         for _ in range(_CAS_RETRIES):
-            entry = _call(self._store.get, INSTALLATION_KEY)
+            entry = call_store(self._store.get, INSTALLATION_KEY)
             if entry is not None:
                 return str(entry.data.get("id", ""))
             if not create:
@@ -135,12 +132,12 @@ class PullSecretRegistry:
     # -- records ---------------------------------------------------------------
 
     def record(self, namespace: str, secret_name: str) -> Record | None:
-        entry = _call(self._store.get, record_key(namespace, secret_name))
+        entry = call_store(self._store.get, record_key(namespace, secret_name))
         return None if entry is None else _record_from(entry)
 
     def records(self) -> list[Record]:
         """Every record (tombstones included), in (namespace, name) order."""
-        found = [_record_from(e) for e in _call(self._store.list, RECORDS_PREFIX)]
+        found = [_record_from(e) for e in call_store(self._store.list, RECORDS_PREFIX)]
         return sorted(found, key=lambda r: (r.namespace, r.secret_name))
 
     def update_record(
@@ -182,14 +179,14 @@ class PullSecretRegistry:
     # -- bindings --------------------------------------------------------------
 
     def bindings(self) -> list[Binding]:
-        return [_binding_from(e) for e in _call(self._store.list, BINDINGS_PREFIX)]
+        return [_binding_from(e) for e in call_store(self._store.list, BINDINGS_PREFIX)]
 
     def put_binding(self, binding: Binding) -> Binding:
         """Create or replace the binding of (secret name, selector)."""
         for attempt in range(_CAS_RETRIES):
             if attempt:
                 self._forget([binding.key])
-            current = _call(self._store.get, binding.key)
+            current = call_store(self._store.get, binding.key)
             data = _binding_data(binding, self._clock())
             if current is not None and _same_binding(current.data, data):
                 return replace(binding, version=current.version)
@@ -205,7 +202,7 @@ class PullSecretRegistry:
         for attempt in range(_CAS_RETRIES):
             if attempt:
                 self._forget([binding.key])
-            current = _call(self._store.get, binding.key)
+            current = call_store(self._store.get, binding.key)
             if current is None:
                 return False
             try:
@@ -223,7 +220,7 @@ class PullSecretRegistry:
 
     def _commit(self, ops: Sequence[Put | Delete]) -> dict[str, int]:
         try:
-            return dict(_call(self._store.commit, ops).versions)
+            return dict(call_store(self._store.commit, ops).versions)
         except VersionConflict as exc:
             raise _conflict(exc.key) from None
 
@@ -234,31 +231,6 @@ def _conflict(key: str) -> Aborted:
         reason="CONCURRENT_MODIFICATION",
         metadata={"key": key},
     )
-
-
-_A = TypeVar("_A")
-
-
-def _call(call: Callable[[_A], _T], arg: _A) -> _T:
-    """Call the store, turning its failures (but a version conflict) into domain errors."""
-    try:
-        return call(arg)
-    except VersionConflict:
-        raise
-    except StoreUnavailable as exc:
-        raise Unavailable(
-            f"the secret store is unavailable: {exc}", reason="STORE_UNAVAILABLE"
-        ) from None
-    except StoreCorrupt as exc:
-        raise Unavailable(
-            f"the secret store cannot be read: {exc}", reason="STORE_CORRUPT"
-        ) from None
-    except StorePermissionDenied as exc:
-        raise FailedPrecondition(
-            f"the secret store refused the broker: {exc}", reason="STORE_PERMISSION_DENIED"
-        ) from None
-    except StoreError as exc:
-        raise Unavailable(f"the secret store failed: {exc}", reason="STORE_ERROR") from None
 
 
 def _strings(value: Any) -> tuple[str, ...]:

@@ -62,7 +62,6 @@ credentials in play just in case an API server quoted them.
 
 from __future__ import annotations
 
-import base64
 import copy
 import enum
 import hashlib
@@ -113,6 +112,7 @@ from broker.core.kube_names import (
 )
 from broker.core.pull_secret_store import Binding, PullSecretRegistry, Record
 from broker.core.resolution import CredentialResolver
+from broker.core.store_access import decode_page_token, encode_page_token
 
 _log = logging.getLogger("credbroker.pullsecrets")
 
@@ -547,7 +547,7 @@ class PullSecretManager:
         ]
         page = records[:size]
         token = (
-            _encode_page_token(page[-1].namespace, page[-1].secret_name)
+            encode_page_token([page[-1].namespace, page[-1].secret_name])
             if len(records) > size
             else ""
         )
@@ -1322,20 +1322,11 @@ def _validate_images(images: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(images))
 
 
-def _encode_page_token(namespace: str, name: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": [namespace, name]}).encode()).decode()
-
-
 def _decode_page_token(token: str) -> tuple[str, str]:
     if not token:
         return ("", "")
     invalid = InvalidArgument.single("page_token", "is not a token returned by ListPullSecrets")
-    if len(token) > MAX_PAGE_TOKEN:
-        raise invalid
-    try:
-        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise invalid from None
+    after = decode_page_token(token, "ListPullSecrets", MAX_PAGE_TOKEN)
     if (
         not isinstance(after, list)
         or len(after) != 2
