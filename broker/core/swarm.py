@@ -383,9 +383,17 @@ class SwarmPuller:
             self._engine.remove_prepull(service)
 
 
+#: Said after the engine's words when a node could not pull: the credentials were
+#: good on the manager (it resolved the digest with them), so look at the node.
+NODE_PULL_HINT = (
+    " (the credentials worked on the manager: check that this node reaches the registry "
+    "and trusts its certificate, or is allowed plain HTTP to it)"
+)
+
+
 def _reason_of(task: PrepullTask) -> str:
-    words = task.error or task.message or f"the task ended {task.state}"
-    return words[:500]
+    words = (task.error or task.message or f"the task ended {task.state}")[:500]
+    return words + NODE_PULL_HINT if words.startswith("No such image") else words
 
 
 def _timeout_reason(task: PrepullTask | None, *, unscheduled: bool) -> str:

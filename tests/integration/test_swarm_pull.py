@@ -36,6 +36,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from broker.core.swarm import NODE_PULL_HINT
 from broker.v1 import image_hosts_pb2 as pb
 from broker.v1 import pulls_pb2, pulls_pb2_grpc
 from tests.support.auth_helpers import Secrets, audit_records
@@ -386,6 +387,7 @@ def test_a_node_that_cannot_reach_the_registry_fails_alone(
     assert states[worker] == FAILED
     (failed,) = [n for n in pulled.nodes if n.node_id == worker]
     assert "No such image" in failed.reason
+    assert failed.reason.endswith(NODE_PULL_HINT)
     assert image.by_digest in failed.reason
     (manager_event,) = [n for n in pulled.nodes if n.node_id == manager]
     assert manager_event.reason == ""
