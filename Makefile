@@ -47,8 +47,10 @@ test: setup check-proto lint typecheck ## Set up, check and run the whole suite
 unit: setup ## Run only the unit tests
 	$(BIN)/pytest tests/unit
 
-bench: setup ## Throughput of the hot read paths, as ratios to a health-check baseline
+bench: setup ## Hot read paths, pull-secret syncs and Swarm pulls, as ratios to baselines of the same run
 	$(BIN)/python -m benchmarks.bench_rpc
+	$(BIN)/python -m benchmarks.bench_pull_secrets
+	$(BIN)/python -m benchmarks.bench_swarm
 
 proto: setup ## Regenerate broker/v1 from proto/
 	buf lint

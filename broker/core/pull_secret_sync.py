@@ -4,8 +4,9 @@ One thread per broker process. It runs `PullSecretManager.sync` once at start
 (catching up with whatever changed while the broker was down), then every
 `interval` seconds, and at once whenever `trigger()` is called: the server
 registers `trigger` as an observer of the image-host catalog, so a host whose
-credentials change (or that is deleted) reaches every managed secret right
-away. Triggers that arrive during a run are coalesced into one more run.
+credentials change (or that is deleted) reaches every managed secret that
+carries it right away; such a run reads and writes only those secrets. Triggers
+that arrive during a run are coalesced into one more run.
 
 Several replicas may reconcile the same cluster at the same time: every write
 is a no-op when the content is already right (UNCHANGED, no request beyond
@@ -48,6 +49,9 @@ class PullSecretReconciler:
         self._on_run = on_run
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        #: Hosts changed since the last run was started; None: every secret is due.
+        self._changed: set[str] | None = set()
         self._thread = threading.Thread(target=self._run, name="pullsecret-sync", daemon=True)
         self.runs = 0
 
@@ -55,7 +59,13 @@ class PullSecretReconciler:
         self._thread.start()
 
     def trigger(self, image_host_id: str = "") -> None:
-        """Run again as soon as possible (an observer of the image-host catalog)."""
+        """Run again as soon as possible (an observer of the image-host catalog): for the
+        secrets that carry `image_host_id` only, or all of them when it is empty."""
+        with self._lock:
+            if not image_host_id:
+                self._changed = None
+            elif self._changed is not None:
+                self._changed.add(image_host_id)
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -64,10 +74,11 @@ class PullSecretReconciler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def run_once(self) -> list[NamespaceOutcome]:
-        """One sync; failures are logged, never raised (the thread must live on)."""
+    def run_once(self, carrying: frozenset[str] | None = None) -> list[NamespaceOutcome]:
+        """One sync (of the secrets `carrying` these hosts, or all); failures are
+        logged, never raised (the thread must live on)."""
         try:
-            outcomes = self._manager.sync(SYSTEM_ACTOR, strict=False)
+            outcomes = self._manager.sync(SYSTEM_ACTOR, strict=False, carrying=carrying)
         except BrokerError as exc:
             _log.warning("pull-secret sync failed: %s (%s)", exc.message, exc.reason)
             return []
@@ -84,11 +95,16 @@ class PullSecretReconciler:
     def _run(self) -> None:
         self.run_once()
         while not self._stop.is_set():
-            self._wake.wait(self._interval or None)
+            woken = self._wake.wait(self._interval or None)
             self._wake.clear()
             if self._stop.is_set():
                 break
-            self.run_once()
+            with self._lock:
+                # A credential change rewrites the secrets that carry the host, not
+                # the whole cluster; the interval still repairs everything.
+                changed = self._changed if woken else None
+                self._changed = set()
+            self.run_once(None if changed is None else frozenset(changed))
 
 
 def _report(outcomes: list[NamespaceOutcome]) -> None:

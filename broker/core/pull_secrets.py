@@ -146,6 +146,12 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+class _Unread(enum.Enum):
+    """Not read yet (None already means "read: there is none")."""
+
+    UNREAD = 0
+
+
 class SecretChange(enum.Enum):
     CREATED = "CREATED"
     UPDATED = "UPDATED"
@@ -597,16 +603,26 @@ class PullSecretManager:
     # -- SyncPullSecrets and the reconciler ------------------------------------
 
     def sync(
-        self, actor: Actor = SYSTEM_ACTOR, *, dry_run: bool = False, strict: bool = True
+        self,
+        actor: Actor = SYSTEM_ACTOR,
+        *,
+        dry_run: bool = False,
+        strict: bool = True,
+        carrying: frozenset[str] | None = None,
     ) -> list[NamespaceOutcome]:
         """Bring every managed secret (that `actor` may see) up to date.
 
         `strict`: a selector that cannot be listed fails the call; otherwise (the
         background reconciler) it is logged and the rest goes on.
+        `carrying`: only the secrets recorded with one of these image host ids (what a
+        credential change makes stale); no new namespaces are looked for then.
         """
         cluster = self._require_cluster()
         records = self._registry.records()
         bindings = self._registry.bindings()
+        if carrying is not None:
+            records = [r for r in records if carrying.intersection(r.image_hosts)]
+            bindings = []
         if not records and not bindings:
             return []  # nothing to do: not a single request to the cluster
         installation = self._registry.installation_id(create=not dry_run)
@@ -683,11 +699,8 @@ class PullSecretManager:
                 # another host, whose credentials were never meant for this secret.
                 self._registry.update_record(namespace, name, _without_deleted_hosts(hosts))
             keep = record.keep_in_sync
-            if (
-                keep
-                and cluster.get_secret(namespace, name) is None
-                and cluster.get_namespace(namespace) is None
-            ):
+            existing = cluster.get_secret(namespace, name)
+            if keep and existing is None and cluster.get_namespace(namespace) is None:
                 # Gone; provisioned again should a namespace of that name come back.
                 return NamespaceOutcome(namespace, name, SecretChange.ABSENT, (), carried)
             change = self._ensure_secret(
@@ -699,6 +712,7 @@ class PullSecretManager:
                 installation,
                 dry_run=dry_run,
                 create=keep,
+                first_read=existing,
             )
             accounts: tuple[AccountOutcome, ...] = ()
             if keep:
@@ -734,10 +748,15 @@ class PullSecretManager:
         *,
         dry_run: bool,
         create: bool,
+        first_read: KubeObject | _Unread | None = _Unread.UNREAD,
     ) -> SecretChange:
+        """`first_read`: the secret as the caller just read it, saving one request."""
         attempts = _Attempts(self, f'secret "{name}" in namespace "{namespace}"')
         while True:
-            current = cluster.get_secret(namespace, name)
+            if first_read is _Unread.UNREAD:
+                current = cluster.get_secret(namespace, name)
+            else:
+                current, first_read = first_read, _Unread.UNREAD
             if current is None:
                 if not create:
                     return SecretChange.ABSENT

@@ -237,7 +237,11 @@ class SwarmPullSettings:
     timeout: float = 600.0
     #: How long a node may go without a task before it is reported FAILED.
     schedule_grace: float = 20.0
-    poll_interval: float = 0.25
+    #: Task states are polled every `poll_interval` for `fast_poll_period` (small images
+    #: land within half a second), then less and less often up to `max_poll_interval`.
+    poll_interval: float = 0.05
+    fast_poll_period: float = 2.0
+    max_poll_interval: float = 0.5
 
 
 class SwarmPuller:
@@ -351,6 +355,7 @@ class SwarmPuller:
             {PREPULL_LABEL: "true"},
         )
         started = self._clock()
+        interval = self._settings.poll_interval
         last_seen: dict[str, PrepullTask] = {}
         try:
             while pending and is_active():
@@ -378,7 +383,9 @@ class SwarmPuller:
                             _timeout_reason(task_of_node, unscheduled=unscheduled),
                         )
                 if pending:
-                    self._sleep(self._settings.poll_interval)
+                    self._sleep(interval)
+                    if self._clock() - started > self._settings.fast_poll_period:
+                        interval = min(interval * 1.5, self._settings.max_poll_interval)
         finally:
             self._engine.remove_prepull(service)
 

@@ -107,13 +107,25 @@ def engine_unavailable(exc: BaseException) -> Unavailable:
     )
 
 
-def engine_client(environment: Mapping[str, str] | None, timeout: float) -> docker.APIClient:
-    """A client of the engine named by DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH)."""
-    try:
-        kwargs: dict[str, Any] = docker.utils.kwargs_from_env(environment=environment)
-        return docker.APIClient(timeout=timeout, version="auto", **kwargs)
-    except (docker.errors.DockerException, requests.RequestException) as exc:
-        raise engine_unavailable(exc) from None
+class EngineConnector:
+    """Clients of the engine named by DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH).
+
+    The API version is asked once (`GET /version`), not on every new client.
+    """
+
+    def __init__(self, environment: Mapping[str, str] | None, timeout: float) -> None:
+        self._environment = dict(environment) if environment is not None else None
+        self._timeout = timeout
+        self._api_version = "auto"
+
+    def client(self) -> docker.APIClient:
+        try:
+            kwargs: dict[str, Any] = docker.utils.kwargs_from_env(environment=self._environment)
+            client = docker.APIClient(timeout=self._timeout, version=self._api_version, **kwargs)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise engine_unavailable(exc) from None
+        self._api_version = str(client.api_version)
+        return client
 
 
 class DockerEngine:
@@ -122,11 +134,10 @@ class DockerEngine:
     def __init__(
         self, environment: Mapping[str, str] | None = None, timeout: float = 600.0
     ) -> None:
-        self._environment = dict(environment) if environment is not None else None
-        self._timeout = timeout
+        self._engine = EngineConnector(environment, timeout)
 
     def _client(self) -> docker.APIClient:
-        return engine_client(self._environment, self._timeout)
+        return self._engine.client()
 
     def pull(
         self,

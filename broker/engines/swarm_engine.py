@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,23 +24,26 @@ import urllib3.exceptions
 
 from broker.core.secrets import Secret
 from broker.core.swarm import PREPULL_COMMAND, PREPULL_LABEL, PrepullTask, SwarmNode
-from broker.engines.docker_engine import classify, engine_client, engine_unavailable
+from broker.engines.docker_engine import EngineConnector, classify, engine_unavailable
 
 _T = TypeVar("_T")
 #: Bound on each engine call: a pre-pull polls, it never waits inside one call.
 _CALL_TIMEOUT = 30.0
+#: How long the engine's Swarm state is taken as known.
+_INFO_TTL = 2.0
 
 
 class SwarmEngine:
     def __init__(
         self, environment: Mapping[str, str] | None = None, timeout: float = _CALL_TIMEOUT
     ) -> None:
-        self._environment = dict(environment) if environment is not None else None
-        self._timeout = timeout
+        self._engine = EngineConnector(environment, timeout)
+        self._info: tuple[float, dict[str, Any]] | None = None
+        self._info_lock = threading.Lock()
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[docker.APIClient]:
-        client = engine_client(self._environment, self._timeout)
+        client = self._engine.client()
         try:
             yield client
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
@@ -54,7 +59,14 @@ class SwarmEngine:
                 raise classify(str(exc.explanation or exc)) from None
 
     def _swarm_info(self) -> dict[str, Any]:
+        """The engine's Swarm state, asked at most once per `_INFO_TTL` (a pull asks
+        whether this is a manager, and which node it is, in the same breath)."""
+        with self._info_lock:
+            if self._info is not None and time.monotonic() - self._info[0] < _INFO_TTL:
+                return self._info[1]
         info: dict[str, Any] = self._call(lambda c: c.info()).get("Swarm") or {}
+        with self._info_lock:
+            self._info = (time.monotonic(), info)
         return info
 
     def is_swarm_manager(self) -> bool:

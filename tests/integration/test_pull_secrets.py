@@ -346,6 +346,34 @@ def test_rotation_reaches_every_managed_secret_at_once(bed: Bed) -> None:
     assert all(list(p.image_hosts) == ["imageHosts/ghcr"] for p in listing.pull_secrets)
 
 
+def test_a_rotation_touches_only_the_secrets_that_carry_the_host(bed: Bed) -> None:
+    bed.host("quay", "quay.io", "robot", bed.token("quay"))
+    bed.emu.create_namespace("team-c")
+    bed.provision(namespaces=["team-a", "team-b"], keep_in_sync=True)
+    bed.provision(namespaces=["team-c"], image_hosts=["imageHosts/quay"], keep_in_sync=True)
+    untouched = bed.secret("team-c")
+    bed.emu.clear_requests()
+
+    rotated = bed.token("ghcr-rotated")
+    bed.rotate("ghcr", rotated)
+
+    def rotated_where_carried() -> bool:
+        return all(
+            bed.config(ns)["auths"]["ghcr.io"]["password"] == rotated for ns in ("team-a", "team-b")
+        )
+
+    wait_until(rotated_where_carried, "the rotated token in the secrets that carry ghcr")
+    # The secret of another host is neither rewritten nor even read: a rotation costs
+    # the secrets that carry the host, not the whole cluster.
+    assert bed.secret("team-c") == untouched
+    assert not [r for r in bed.emu.requests if "/namespaces/team-c/" in r.path]
+    # One read per secret before its patch, not two.
+    for namespace in ("team-a", "team-b"):
+        path = f"/api/v1/namespaces/{namespace}/secrets/{SECRET}"
+        reads = [r for r in bed.emu.requests if r.method == "GET" and r.path == path]
+        assert len(reads) == 1, [(r.method, r.path) for r in bed.emu.requests]
+
+
 def test_the_reconciler_provisions_new_namespaces_and_repairs_drift(
     make_bed: Callable[..., Bed],
 ) -> None:
