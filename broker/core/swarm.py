@@ -294,6 +294,11 @@ class SwarmPuller:
             )
         reference = resolution.reference
         digest = self._engine.resolve_digest(reference.fully_qualified, resolution.auth_config())
+        if not digest:
+            raise FailedPrecondition(
+                f"the registry named no digest for {reference.fully_qualified}",
+                reason="PULL_FAILED",
+            )
         pinned = f"{reference.name}@{digest}"
         outcomes: list[NodeOutcome] = []
         local = self._engine.local_node_id()
@@ -371,8 +376,10 @@ class SwarmPuller:
                 now = self._clock()
                 for node_id in list(pending):
                     task_of_node = last_seen.get(node_id)
-                    unscheduled = (
-                        task_of_node is None and now - started > self._settings.schedule_grace
+                    # No task, or one Swarm cannot place (say, no manifest for the node's
+                    # platform): it will not get further by waiting.
+                    unscheduled = now - started > self._settings.schedule_grace and (
+                        task_of_node is None or task_of_node.state == "pending"
                     )
                     if now >= deadline or unscheduled:
                         node = pending.pop(node_id)
@@ -408,5 +415,10 @@ def _timeout_reason(task: PrepullTask | None, *, unscheduled: bool) -> str:
         if unscheduled:
             return "the Swarm scheduled no pre-pull task on this node"
         return "timed out before the Swarm scheduled a pre-pull task on this node"
+    if unscheduled:
+        detail = task.error or task.message
+        return "the Swarm could not place the pre-pull task on this node" + (
+            f": {detail}" if detail else ""
+        )
     detail = task.error or task.message
     return f"timed out with the pre-pull task {task.state}" + (f": {detail}" if detail else "")
