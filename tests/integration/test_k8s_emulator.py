@@ -794,7 +794,7 @@ def test_label_selectors(labelled: client.CoreV1Api, selector: str, expected: li
     assert [s.metadata.name for s in items] == expected
 
 
-@pytest.mark.parametrize("selector", ["a=b=c", "in (x", "app in ()", "bad key!=x"])
+@pytest.mark.parametrize("selector", ["a=b=c", "in (x", "app in ()", "bad key!=x", "app,", "a=b ,"])
 def test_a_malformed_label_selector_is_400(labelled: client.CoreV1Api, selector: str) -> None:
     exc = api_error(lambda: labelled.list_namespaced_secret(NS, label_selector=selector))
     assert exc.status == 400

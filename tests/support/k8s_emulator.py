@@ -1211,6 +1211,9 @@ def parse_label_selector(text: str) -> list[_Requirement]:
         nxt = take()
         if nxt not in (None, ","):
             raise ValueError(f"found '{nxt}', expected: ',' or 'end of string'")
+        if nxt == "," and pos >= len(tokens):
+            # labels.Parse wants another requirement after every comma.
+            raise ValueError("found '', expected: identifier after ','")
     for req in reqs:
         problems = _qualified_name_errors(req.key)
         if problems:
