@@ -56,7 +56,6 @@ import re
 import secrets
 import socket
 import ssl
-import sys
 import threading
 import time
 import traceback
@@ -66,7 +65,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Literal
@@ -77,6 +76,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from tests.support.certificates import CertificateAuthority
+from tests.support.emulator_server import EmulatorServer
 
 __all__ = [
     "APPLY_PATCH",
@@ -1338,68 +1338,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # connections are closed and threads joined by stop()
-    allow_reuse_address = False
-
+class _Server(EmulatorServer):
     def __init__(self, emulator: K8sEmulator, tls: ssl.SSLContext | None) -> None:
         self.emulator = emulator
         self.tls = tls
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._workers: set[threading.Thread] = set()
-        super().__init__(("127.0.0.1", 0), _RequestHandler)
+        super().__init__(_RequestHandler, emulator._server_errors, "k8s-emulator-conn")
 
     def get_request(self) -> tuple[Any, Any]:
         conn, address = super().get_request()
         if self.tls is not None:
             conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        worker = threading.Thread(
-            target=self._work, args=(request, client_address), name="k8s-emulator-conn"
-        )
-        worker.daemon = True
-        with self._lock:
-            self._workers.add(worker)
-        worker.start()
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._workers.discard(threading.current_thread())
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-answer is not an emulator bug; anything else is kept.
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        self.emulator._server_errors.append(traceback.format_exc())
-
-    def track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
-
-    def close_connections(self) -> None:
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-    def join_workers(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            workers = list(self._workers)
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------- one request

@@ -38,7 +38,6 @@ import re
 import secrets
 import socket
 import string
-import sys
 import threading
 import time
 import traceback
@@ -47,11 +46,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.support.emulator_server import EmulatorServer
 from tests.support.vault_policy import (
     ACL,
     DEFAULT_POLICY_HCL,
@@ -465,61 +465,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_LIST = do_OPTIONS = _serve
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # connections are closed and threads joined by stop()
-    allow_reuse_address = False
-
+class _Server(EmulatorServer):
     def __init__(self, emulator: VaultEmulator) -> None:
         self.emulator = emulator
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._workers: set[threading.Thread] = set()
-        super().__init__(("127.0.0.1", 0), _RequestHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        worker = threading.Thread(
-            target=self._work, args=(request, client_address), name="vault-emulator-conn"
-        )
-        worker.daemon = True
-        with self._lock:
-            self._workers.add(worker)
-        worker.start()
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._workers.discard(threading.current_thread())
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-answer is not an emulator bug; anything else is kept.
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        self.emulator._server_errors.append(traceback.format_exc())
-
-    def track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
-
-    def close_connections(self) -> None:
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-    def join_workers(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            workers = list(self._workers)
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
+        super().__init__(_RequestHandler, emulator._server_errors, "vault-emulator-conn")
 
 
 # --------------------------------------------------------------------------- the emulator
