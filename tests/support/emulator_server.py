@@ -15,7 +15,8 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 
 class EmulatorServer(ThreadingHTTPServer):
@@ -76,3 +77,66 @@ class EmulatorServer(ThreadingHTTPServer):
             workers = list(self._workers)
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
+
+
+class ServedEmulator:
+    """Start, stop and `with` for an emulator served by an `EmulatorServer`.
+
+    The emulator sets `_server = None`, `_thread = None`, `_stopping` (an Event its
+    injected delays wait on) and `_server_errors` in its `__init__`, and says how to
+    make its server in `_make_server`.
+    """
+
+    _server: EmulatorServer | None
+    _thread: threading.Thread | None
+    _stopping: threading.Event
+    _server_errors: list[str]
+    _thread_name = "emulator"
+
+    def _make_server(self) -> EmulatorServer:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = self._make_server()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name=self._thread_name,
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every connection; join every thread (bounded)."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.close_connections()
+        server.join_workers(timeout=5.0)
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5.0)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def server_errors(self) -> list[str]:
+        """Tracebacks of unexpected exceptions inside the emulator (should stay empty)."""
+        return list(self._server_errors)

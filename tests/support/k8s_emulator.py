@@ -67,7 +67,6 @@ from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -76,7 +75,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from tests.support.certificates import CertificateAuthority
-from tests.support.emulator_server import EmulatorServer
+from tests.support.emulator_server import EmulatorServer, ServedEmulator
 
 __all__ = [
     "APPLY_PATCH",
@@ -1380,7 +1379,7 @@ class _Call:
 # --------------------------------------------------------------------------- the emulator
 
 
-class K8sEmulator:
+class K8sEmulator(ServedEmulator):
     """A Kubernetes API server (core/v1 namespaces, secrets, serviceaccounts) in this process.
 
     ``token``: the bearer token every API request must carry (a random one when
@@ -1391,6 +1390,8 @@ class K8sEmulator:
     ``tls_directory``: serve HTTPS with a fresh test CA written there (needed
     only for the in-cluster configuration, which insists on https).
     """
+
+    _thread_name = "k8s-emulator"
 
     def __init__(
         self,
@@ -1449,50 +1450,8 @@ class K8sEmulator:
         scheme = "https" if self._tls is not None else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    def start(self) -> K8sEmulator:
-        if self._server is not None:
-            return self
-        self._stopping.clear()
-        self._server = _Server(self, self._tls)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.01},
-            name="k8s-emulator",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Close the listener and every connection; join every thread (bounded)."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._stopping.set()
-        server.shutdown()
-        server.close_connections()
-        server.join_workers(timeout=5.0)
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5.0)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> K8sEmulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def server_errors(self) -> list[str]:
-        """Tracebacks of unexpected exceptions inside the emulator (should stay empty)."""
-        return list(self._server_errors)
+    def _make_server(self) -> EmulatorServer:
+        return _Server(self, self._tls)
 
     # ------------------------------------------------------------------ client configuration
 

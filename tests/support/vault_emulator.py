@@ -47,11 +47,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.support.emulator_server import EmulatorServer
+from tests.support.emulator_server import EmulatorServer, ServedEmulator
 from tests.support.vault_policy import (
     ACL,
     DEFAULT_POLICY_HCL,
@@ -474,8 +473,10 @@ class _Server(EmulatorServer):
 # --------------------------------------------------------------------------- the emulator
 
 
-class VaultEmulator:
+class VaultEmulator(ServedEmulator):
     """A Vault server in this process. Thread-safe; see the module docstring."""
+
+    _thread_name = "vault-emulator"
 
     def __init__(self, *, root_token: str | None = None, kv_mount: str | None = "secret") -> None:
         self.root_token = root_token or _random_token()
@@ -529,50 +530,8 @@ class VaultEmulator:
             raise RuntimeError("VaultEmulator not started")
         return int(self._server.server_address[1])
 
-    def start(self) -> VaultEmulator:
-        if self._server is not None:
-            return self
-        self._stopping.clear()
-        self._server = _Server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.01},
-            name="vault-emulator",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Close the listener and every connection; join every thread (bounded)."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._stopping.set()
-        server.shutdown()
-        server.close_connections()
-        server.join_workers(timeout=5.0)
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5.0)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> VaultEmulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def server_errors(self) -> list[str]:
-        """Tracebacks of unexpected exceptions inside the emulator (should stay empty)."""
-        return list(self._server_errors)
+    def _make_server(self) -> EmulatorServer:
+        return _Server(self)
 
     # ------------------------------------------------------------------ clock
 
