@@ -46,11 +46,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.support.emulator_server import EmulatorServer, ServedEmulator
+from tests.support.emulator_server import (
+    EmulatorRequestHandler,
+    EmulatorServer,
+    ServedEmulator,
+)
 from tests.support.vault_policy import (
     ACL,
     DEFAULT_POLICY_HCL,
@@ -387,55 +390,13 @@ def _not_found() -> _Reply:
 # --------------------------------------------------------------------------- HTTP plumbing
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 30.0  # an idle keep-alive connection is closed after this
+class _RequestHandler(EmulatorRequestHandler):
+    max_request_bytes = MAX_REQUEST_BYTES
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without TCP_NODELAY (Go's default)
-        # Nagle's algorithm and delayed ACKs add ~40 ms to every answer.
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: the emulator keeps its own request log, without tokens."""
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self.send_response_only(code, message)
-        self.send_header("Date", self.date_time_string())
-
-    def _read_body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks: list[bytes] = []
-            total = 0
-            while total <= MAX_REQUEST_BYTES:
-                size_line = self.rfile.readline(1024)
-                size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(1024)
-                total += size
-            return None
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_REQUEST_BYTES:
-            return None
-        return self.rfile.read(length) if length > 0 else b""
 
     def _serve(self) -> None:
         try:
-            body = self._read_body()
+            body = self.read_body()
         except (ValueError, OSError):
             self.close_connection = True
             return
