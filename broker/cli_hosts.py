@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from broker.config import default_data_dir, env_path
+from broker.config import default_data_dir, env_path, seconds_type
 from broker.v1 import image_hosts_pb2, image_hosts_pb2_grpc
 from clients.channel import open_channel as clients_open_channel
 from clients.channel import read_token_file
@@ -187,14 +187,7 @@ def _server_address(value: str) -> str:
     return value
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not 0 < seconds <= 3600:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
-    return seconds
+_positive_seconds = seconds_type(3600, zero_allowed=False)
 
 
 # -- arguments -----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,14 +196,27 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add_kubernetes_arguments(parser)
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not 0 <= seconds <= 86400:
-        raise argparse.ArgumentTypeError("must be from 0 to 86400 seconds")
-    return seconds
+def seconds_type(most: float, *, zero_allowed: bool) -> Callable[[str], float]:
+    """An argparse `type` for a number of seconds up to `most` (0 only if allowed)."""
+    rule = (
+        f"must be from 0 to {most:g} seconds"
+        if zero_allowed
+        else f"must be more than 0 and at most {most:g} seconds"
+    )
+
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+        if not (seconds >= 0 if zero_allowed else seconds > 0) or seconds > most:
+            raise argparse.ArgumentTypeError(rule)
+        return seconds
+
+    return parse
+
+
+_seconds = seconds_type(86400, zero_allowed=True)
 
 
 def add_kubernetes_arguments(parser: argparse.ArgumentParser) -> None:
